@@ -1,0 +1,59 @@
+"""Device selection for npu / cuda / cpu. The only place that imports torch_npu.
+
+Device strings: "cpu", "cuda[:i]", "npu[:i]". `None` or "auto" picks npu when torch_npu imports and
+a device is visible, else cuda, else cpu.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda|npu)(:\d+)?$")
+
+
+class DeviceError(ValueError):
+    pass
+
+
+def _npu_available() -> bool:
+    try:
+        importlib.import_module("torch_npu")
+    except Exception:
+        return False
+    import torch
+
+    return hasattr(torch, "npu") and torch.npu.is_available()
+
+
+def resolve_device(device: str | None = None) -> str:
+    """Validate a device string (importing torch_npu for "npu") or pick the best available one."""
+    import torch
+
+    if device in (None, "", "auto"):
+        if _npu_available():
+            return "npu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not _DEVICE_RE.match(device):
+        raise DeviceError(f"unknown device {device!r}; use cpu, cuda[:i] or npu[:i]")
+    kind = device.split(":")[0]
+    if kind == "npu" and not _npu_available():
+        raise DeviceError("device 'npu' requested but torch_npu is not installed or no NPU is visible")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("device 'cuda' requested but no CUDA device is visible")
+    return device
+
+
+def device_family(device: str) -> str:
+    """The seed's folder name for a device: NPU, GPU or CPU."""
+    return {"npu": "NPU", "cuda": "GPU"}.get(device.split(":")[0], "CPU")
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        torch.cuda.synchronize()
+    elif kind == "npu":
+        torch.npu.synchronize()

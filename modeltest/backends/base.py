@@ -1,0 +1,123 @@
+"""The backend interface: generate for a batch of multimodal requests -> text, token counts, timings.
+
+A request is a list of parts, each {"image": path or PIL.Image} or {"text": str}, in order. Each
+backend renders the parts the way its model expects and reports the rendered model input back in
+`Generation.prompt`. A failure that belongs to one request (an unreadable image) is returned in that
+request's `Generation.error`; an exception from `generate` is isolated by the runner.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ModelTestError
+
+
+@dataclass
+class Request:
+    id: Any
+    parts: list[dict]
+    max_new_tokens: int
+    min_new_tokens: int = 0
+
+    @property
+    def images(self) -> list:
+        return [p["image"] for p in self.parts if "image" in p]
+
+
+@dataclass
+class Generation:
+    text: str = ""
+    prompt: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    e2e_time: float = 0.0
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """One model on one device (or a tensor-parallel group)."""
+
+    name: str = "backend"
+    supports_tp: bool = False
+
+    @abstractmethod
+    def generate(self, requests: list[Request]) -> list[Generation]:
+        """Greedy generation for each request, in order."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the model (optional)."""
+
+
+class SampleError(Exception):
+    """A failure that belongs to one sample: it is recorded and the run continues."""
+
+
+def open_image(image):
+    """Open and fully decode an image (path or PIL.Image) as RGB; SampleError names the problem."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, dict):  # a `datasets` Image cell stored undecoded: {"bytes", "path"}
+        if image.get("bytes"):
+            try:
+                with Image.open(io.BytesIO(image["bytes"])) as im:
+                    return im.convert("RGB")
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                raise SampleError(f"image unreadable: {image.get('path') or 'embedded image'}: {e}") from None
+        image = image.get("path") or ""
+    path = os.fspath(image)
+    if not os.path.exists(path):
+        raise SampleError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise SampleError(f"image unreadable: {path}: {e}") from None
+
+
+def render_qwen_prompt(parts: list[dict]) -> str:
+    """Qwen-VL's raw query format: images as <img>path</img> spans, text as is."""
+    out = []
+    for p in parts:
+        if "image" in p:
+            img = p["image"]
+            name = img if isinstance(img, (str, os.PathLike)) else (img.get("path") if isinstance(img, dict) else None)
+            out.append(f"<img>{name or '<in-memory image>'}</img>")
+        else:
+            out.append(p["text"])
+    return "".join(out)
+
+
+BACKENDS = ("engine", "hf")
+
+
+def create_backend(name: str, model_cfg, device: str | None, tp: int = 1) -> Backend:
+    """Build the named backend for `model_cfg` (loads the model)."""
+    from ..errors import unknown_name
+
+    if name == "hf":
+        from .hf import HFBackend
+
+        return HFBackend(model_cfg, device=device, tp=tp)
+    if name == "engine":
+        from .engine import EngineBackend
+
+        return EngineBackend(model_cfg, device=device, tp=tp)
+    raise unknown_name("backend", name, BACKENDS)
+
+
+def check_model_path(model_cfg) -> str:
+    path = model_cfg.model_path
+    if not path:
+        raise ModelTestError("no model_path: set model_path in the model config or pass --model_path")
+    if not os.path.isdir(path):
+        raise ModelTestError(f"model_path does not exist or is not a folder: {path} (set --model_path)")
+    return path

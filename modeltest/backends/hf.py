@@ -1,0 +1,114 @@
+"""The `hf` backend: transformers' own classes for models transformers runs natively.
+
+`AutoModelForImageTextToText` when the config is a vision-language model, else
+`AutoModelForCausalLM`; `AutoProcessor` renders each request through the model's chat template
+(the only generic way to place image tokens); batched, left-padded, greedy.
+Code from the model folder runs only with `trust_remote_code: true` in the model config.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import ModelTestError
+from .base import Backend, Generation, Request, SampleError, check_model_path, open_image
+
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+class HFBackend(Backend):
+    name = "hf"
+
+    def __init__(self, model_cfg, device: str | None = None, tp: int = 1):
+        import torch
+        import transformers
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+        from engine.device import DeviceError, resolve_device
+
+        if tp != 1:
+            raise ModelTestError("the hf backend runs on one device; use --backend engine for tensor parallel")
+        path = check_model_path(model_cfg)
+        try:
+            self.device = resolve_device(device)
+        except DeviceError as e:
+            raise ModelTestError(str(e)) from None
+        trust = model_cfg.trust_remote_code
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+        except (OSError, ValueError) as e:
+            raise ModelTestError(f"{path}: transformers cannot read this model's config.json: {e}") from None
+        dtype = getattr(torch, DTYPES[model_cfg.data_type])
+        if self.device == "cpu" and dtype == torch.float16:
+            dtype = torch.float32  # fp16 matmuls are not implemented on every CPU
+        vision = type(config) in AutoModelForImageTextToText._model_mapping
+        auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+        try:
+            self.model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust).to(self.device).eval()
+            self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+        except (OSError, ValueError) as e:
+            raise ModelTestError(f"{path}: transformers {transformers.__version__} cannot load it: {e}") from None
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if not getattr(self.processor, "chat_template", None) and not getattr(self.tokenizer, "chat_template", None):
+            raise ModelTestError(f"{path}: the processor has no chat template; the hf backend needs one to place images")
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.stop_ids = {i for i in eos + [self.tokenizer.pad_token_id] if i is not None}
+
+    def _render(self, request: Request) -> tuple[str, list]:
+        content, images = [], []
+        for part in request.parts:
+            if "image" in part:
+                images.append(open_image(part["image"]))
+                content.append({"type": "image"})
+            else:
+                content.append({"type": "text", "text": part["text"]})
+        messages = [{"role": "user", "content": content}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return text, images
+
+    def generate(self, requests: list[Request]) -> list[Generation]:
+        import torch
+
+        results: list[Generation | None] = [None] * len(requests)
+        texts, images, rows = [], [], []
+        for i, req in enumerate(requests):
+            try:
+                text, imgs = self._render(req)
+            except SampleError as e:
+                results[i] = Generation(error=str(e))
+                continue
+            texts.append(text)
+            images.extend(imgs)
+            rows.append(i)
+        if rows:
+            start = time.perf_counter()
+            kwargs = {"images": images} if images else {}
+            inputs = self.processor(text=texts, padding=True, return_tensors="pt", **kwargs).to(self.device)
+            max_new = max(requests[i].max_new_tokens for i in rows)
+            min_new = min(requests[i].min_new_tokens for i in rows)
+            with torch.inference_mode():
+                out = self.model.generate(
+                    **inputs, max_new_tokens=max_new, min_new_tokens=min_new, do_sample=False,
+                    num_beams=1, pad_token_id=self.tokenizer.pad_token_id,
+                )  # fmt: skip
+            elapsed = time.perf_counter() - start
+            prompt_len = inputs["input_ids"].shape[1]
+            attention = inputs["attention_mask"]
+            for row, i in enumerate(rows):
+                new = out[row, prompt_len:].tolist()[: requests[i].max_new_tokens]
+                for n, tok in enumerate(new):
+                    if tok in self.stop_ids:
+                        new = new[: n + 1]
+                        break
+                results[i] = Generation(
+                    text=self.tokenizer.decode(new, skip_special_tokens=True),
+                    prompt=texts[row],
+                    input_tokens=int(attention[row].sum()),
+                    output_tokens=len(new),
+                    e2e_time=elapsed,
+                )
+        return results  # type: ignore[return-value]

@@ -1,0 +1,92 @@
+"""`python -m modeltest` / `modeltest`: the seed's flags (--model_config_path, --task_config_path,
+--batch_size, --tp, --output_dir, --save_debug_enable, ...) plus resume, score-only mode and limits."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import EXIT_BAD_INPUT, ModelTestError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="modeltest",
+        description="Evaluate a vision-language model on a task, or score predictions made elsewhere.",
+    )
+    p.add_argument("--model_config_path", help="model YAML (configs/model/*.yaml); not needed with --predictions")
+    p.add_argument("--task_config_path", required=True, help="task YAML (configs/task/*.yaml)")
+    p.add_argument("--output_dir", default="output", help="where results/ and debug/ go (default: ./output)")
+    p.add_argument("--model_path", help="override model_path from the model config")
+    p.add_argument("--dataset_path", help="override local_dataset_path from the task config")
+    p.add_argument("--batch_size", type=int, default=1, help="requests per backend call (default 1)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    p.add_argument("--backend", choices=["engine", "hf"], help="override the model config's backend")
+    p.add_argument("--device", help="cpu, cuda[:i] or npu[:i] (default: npu, else cuda, else cpu)")
+    p.add_argument("--tp", type=int, default=int(os.environ.get("WORLD_SIZE", "1")), help="tensor-parallel size")
+    p.add_argument("--predictions", help="score-only mode: JSONL or JSON list of {question_id, answer}")
+    p.add_argument("--save_debug_enable", action="store_true", help="also write the seed's outputs_<time>.txt")
+    p.add_argument("--overwrite", action="store_true", help="discard samples from an earlier run in output_dir")
+    p.add_argument("--max_error_rate", type=float, default=0.0,
+                   help="exit 3 when more than this fraction of samples failed (default 0)")  # fmt: skip
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--lcoc_disable", action="store_true", help=argparse.SUPPRESS)  # the seed's; no effect here
+    return p
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    from .config import load_model_config, load_task_config
+    from .runner import RunOptions, run
+
+    args = build_parser().parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        raise ModelTestError(f"--limit must be >= 1, got {args.limit}")
+    task_cfg = load_task_config(args.task_config_path)
+    if args.dataset_path:
+        task_cfg.local_dataset_path = args.dataset_path
+    model_cfg = None
+    if args.model_config_path:
+        model_cfg = load_model_config(args.model_config_path)
+        if args.model_path:
+            model_cfg.model_path = args.model_path
+    elif not args.predictions:
+        raise ModelTestError("--model_config_path is required (or --predictions to score answers made elsewhere)")
+    opts = RunOptions(
+        output_dir=args.output_dir,
+        backend=args.backend,
+        device=args.device,
+        batch_size=args.batch_size,
+        tp=args.tp,
+        limit=args.limit,
+        predictions=args.predictions,
+        save_debug=args.save_debug_enable,
+        overwrite=args.overwrite,
+        max_error_rate=args.max_error_rate,
+        progress=not args.no_progress,
+    )
+    result = run(model_cfg, task_cfg, opts)
+    if result.exit_code:
+        print(
+            f"modeltest: {result.errors} of {result.total} samples failed (more than --max_error_rate "
+            f"{opts.max_error_rate}); see {result.paths.samples}",
+            file=sys.stderr,
+        )
+    return result.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run_cli(argv)
+    except ModelTestError as e:
+        print(f"modeltest: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("modeltest: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Model and task configs: YAML in (`yaml.safe_load`), validated dataclasses out.
+
+The keys are the seed's (MindIE-LLM modeltest `config/model/*.yaml`, `config/task/*.yaml`), so its
+files load as written. Every check happens here, at load time: an unknown key names the file, the
+line, the key and the closest valid key; a wrong type or value names the key, the value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ModelTestError, closest
+
+# ---------------------------------------------------------------------------------------------
+# Dataclasses (field metadata "doc" is shown in errors; Literal types list the allowed values)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InferParams:
+    max_output_length: int | None = None
+    min_output_length: int = 0
+    max_input_length: int | None = None
+    max_batch_size: int | None = None
+    max_prefill_tokens: int | None = None
+    is_chat_model: bool = False
+    shm_name_save_path: str | None = None
+
+    def __post_init__(self):
+        _positive(self, "max_output_length", "max_input_length", "max_batch_size")
+        if self.min_output_length < 0:
+            raise ValueError("min_output_length must be >= 0")
+
+
+@dataclass
+class MMModelConfig:
+    path: str | None = None
+    classname: str | None = None
+    prompt_prefix: str | None = None
+    prompt_suffix: str | None = None
+    infer_params: InferParams = field(default_factory=InferParams)
+    warm_up_image_path: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    model_name: str
+    model_path: str | None = None
+    model_type: Literal["pa", "fa"] = "pa"
+    data_type: Literal["fp16", "bf16", "fp32"] = "bf16"
+    use_chat_template: bool = False
+    max_position_embedding: int = -1
+    block_size: int = 128
+    requested_gpu_framework: str | None = None
+    trust_remote_code: bool = False
+    backend: Literal["engine", "hf"] = "engine"
+    env: dict[str, str] = field(default_factory=dict)
+    mm_model: MMModelConfig = field(default_factory=MMModelConfig)
+
+    def __post_init__(self):
+        _positive(self, "block_size")
+
+
+@dataclass
+class MetricConfig:
+    metric_type: Literal["vqa_accuracy", "exact_match", "acc"] = "vqa_accuracy"
+    normalizer: Literal["evalai", "official"] = "evalai"
+
+    def __post_init__(self):
+        # The seed's textvqa.yaml says `metric_type: acc`: its soft VQA accuracy.
+        if self.metric_type == "acc":
+            self.metric_type = "vqa_accuracy"
+
+
+@dataclass
+class Metadata:
+    version: str | None = None
+
+
+@dataclass
+class TaskConfig:
+    task_name: str
+    task_type: Literal["precision", "performance"] = "precision"
+    local_dataset_path: str | None = None
+    hf_dataset_path: str | None = None
+    om_dataset_path: str | None = None
+    prompt: str | None = None
+    shots: int = 0
+    requested_max_input_length: int | None = None
+    requested_max_output_length: int | None = None
+    need_logits: bool = False
+    need_truncate_input: bool = False
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    metadata: Metadata = field(default_factory=Metadata)
+    subject_mapping: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _positive(self, "requested_max_input_length", "requested_max_output_length")
+        if self.shots != 0:
+            raise ValueError("only zero-shot evaluation is supported (shots: 0)")
+
+
+def _positive(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_yaml(path: str | Path) -> tuple[dict, dict[tuple, int]]:
+    """Parse a YAML mapping safely; also return {key path: line number} for error messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelTestError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as e:
+        raise ModelTestError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ModelTestError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data, lines
+
+
+def _key_lines(node, prefix: tuple = ()) -> dict[tuple, int]:
+    out: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = prefix + (key_node.value,)
+            out[key] = key_node.start_mark.line + 1
+            out.update(_key_lines(value_node, key))
+    return out
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    data, lines = load_yaml(path)
+    return from_dict(ModelConfig, data, _Where(str(path), lines))
+
+
+def load_task_config(path: str | Path) -> TaskConfig:
+    data, lines = load_yaml(path)
+    return from_dict(TaskConfig, data, _Where(str(path), lines))
+
+
+@dataclass
+class _Where:
+    file: str
+    lines: dict[tuple, int]
+    keys: tuple = ()
+
+    def child(self, key) -> _Where:
+        return _Where(self.file, self.lines, self.keys + (key,))
+
+    def __str__(self) -> str:
+        line = self.lines.get(self.keys)
+        loc = f"{self.file}:{line}" if line else self.file
+        return f"{loc}: key '{'.'.join(map(str, self.keys))}'" if self.keys else loc
+
+
+def from_dict(cls, data: Any, where: _Where | str = "<config>"):
+    """Build dataclass `cls` from a mapping, checking keys, types and values."""
+    if isinstance(where, str):
+        where = _Where(where, {})
+    if not isinstance(data, dict):
+        raise ModelTestError(f"{where}: expected a mapping of keys, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            hint = closest(key, fields)
+            sub = where.child(key)
+            msg = f"{sub}: unknown key"
+            msg += f"; did you mean '{hint}'?" if hint else f"; valid keys: {', '.join(fields)}"
+            raise ModelTestError(msg)
+        kwargs[key] = _convert(hints[key], value, where.child(key))
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ModelTestError(f"{where}: missing required key(s): {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ModelTestError(f"{where}: {e}") from None
+
+
+def _convert(tp, value, where: _Where):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        # The seed's YAML writes `shm_name_save_path: None`, which YAML reads as the string "None".
+        if value is None or value == "None":
+            return None
+        return _convert(inner[0], value, where)
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            hint = closest(value, [str(a) for a in args])
+            extra = f" (did you mean {hint!r}?)" if hint else ""
+            raise ModelTestError(f"{where}: {_show(value)} is not allowed{extra}; allowed: {allowed}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is list:
+        if isinstance(value, str):  # a single path where a list is expected
+            value = [value]
+        if not isinstance(value, list):
+            raise ModelTestError(f"{where}: expected a list, got {_show(value)}")
+        return [_convert(args[0], v, where.child(i)) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ModelTestError(f"{where}: expected a mapping, got {_show(value)}")
+        return {str(k): _convert(args[1], v, where.child(k)) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ModelTestError(f"{where}: expected true or false, got {_show(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ModelTestError(f"{where}: expected an integer, got {_show(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ModelTestError(f"{where}: expected a number, got {_show(value)}")
+        return float(value)
+    if tp is str:
+        # Numbers are fine where text is expected (metadata.version: 1.0, env values: 1).
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ModelTestError(f"{where}: expected text, got {_show(value)}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp!r}")  # a bug in this module, not user input
+
+
+def _show(value) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,46 @@
+"""Metric registry: a metric is a per-sample function plus an aggregation, registered by name.
+
+`get_metric(name, normalizer)` returns a `Metric` whose `score(prediction, references)` gives one
+sample's score in [0, 1] and whose `aggregate(scores)` gives the corpus value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+from ..errors import unknown_name
+from . import vqa
+
+
+def mean(scores: Sequence[float]) -> float:
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    score: Callable[[str, Sequence], float]
+    aggregate: Callable[[Sequence[float]], float] = mean
+
+
+NORMALIZERS = ("evalai", "official")
+
+_VQA = {"evalai": vqa.vqa_accuracy_evalai, "official": vqa.vqa_accuracy_official}
+_METRICS: dict[str, Callable[[str], Metric]] = {
+    "vqa_accuracy": lambda norm: Metric("vqa_accuracy", _VQA[norm]),
+    "exact_match": lambda norm: Metric("exact_match", partial(vqa.exact_match, normalizer=norm)),
+}
+
+
+def get_metric(name: str, normalizer: str = "evalai") -> Metric:
+    if name not in _METRICS:
+        raise unknown_name("metric", name, _METRICS)
+    if normalizer not in NORMALIZERS:
+        raise unknown_name("normalizer", normalizer, NORMALIZERS)
+    return _METRICS[name](normalizer)
+
+
+def available_metrics() -> list[str]:
+    return sorted(_METRICS)

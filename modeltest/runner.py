@@ -1,0 +1,344 @@
+"""The evaluation loop: samples -> requests -> backend -> predictions -> scores -> samples.jsonl -> results.
+
+Every check on the input happens before the model loads. Each finished sample is appended to
+samples.jsonl at once; re-running the same command skips what is there (resume) and ends with the
+same results as an uninterrupted run. A sample that fails is recorded with its reason, scored 0 and
+counted; the run goes on, and exits 3 at the end when errors exceed --max_error_rate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from .backends.base import Backend, Generation, Request, create_backend
+from .config import ModelConfig, TaskConfig, to_dict
+from .errors import EXIT_TOO_MANY_ERRORS, ModelTestError
+from .output import JsonlAppender, RunPaths, read_samples, run_paths, write_csv, write_json
+from .tasks import Sample, Task, get_task
+
+PREDICTIONS_MODEL_NAME = "predictions"
+
+
+@dataclass
+class RunOptions:
+    output_dir: str
+    backend: str | None = None
+    device: str | None = None
+    batch_size: int = 1
+    tp: int = 1
+    limit: int | None = None
+    predictions: str | None = None
+    save_debug: bool = False
+    overwrite: bool = False
+    max_error_rate: float = 0.0
+    progress: bool = True
+
+
+@dataclass
+class RunResult:
+    rows: list[list]
+    value: float
+    total: int
+    errors: int
+    paths: RunPaths
+    exit_code: int = 0
+    summary: dict = field(default_factory=dict)
+
+
+def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, backend: Backend | None = None) -> RunResult:
+    """Run one task. `backend` may be passed in ready-made (tests, benchmarks); otherwise it is built
+    from the model config after every input check has passed, and only if there is work left."""
+    started = time.time()
+    task: Task = get_task(task_cfg.task_name)(task_cfg, model_cfg)
+    if opts.batch_size < 1:
+        raise ModelTestError(f"--batch_size must be >= 1, got {opts.batch_size}")
+    if not 0.0 <= opts.max_error_rate <= 1.0:
+        raise ModelTestError(f"--max_error_rate must be between 0 and 1, got {opts.max_error_rate}")
+    samples = task.load()
+
+    predictions = None
+    if opts.predictions:
+        from .backends.predictions import PredictionsBackend, load_predictions
+
+        predictions = load_predictions(opts.predictions)
+        samples = _select_predicted(samples, predictions, opts.predictions)
+        backend = PredictionsBackend({str(s.id): predictions[str(s.id)] for s in samples})
+    samples = samples[: opts.limit] if opts.limit else samples
+
+    backend_name = "predictions" if predictions is not None else (opts.backend or (model_cfg.backend if model_cfg else None))
+    if backend_name is None:
+        raise ModelTestError("no model config: pass --model_config_path, or --predictions to score answers made elsewhere")
+    device, family = _device(backend_name, opts.device, backend)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and opts.tp != world:
+        raise ModelTestError(f"--tp {opts.tp} does not match the {world} processes torchrun started")
+
+    model_name = model_cfg.model_name if model_cfg and predictions is None else PREDICTIONS_MODEL_NAME
+    defaults = model_cfg or ModelConfig(model_name=PREDICTIONS_MODEL_NAME)
+    paths = run_paths(opts.output_dir, family, task_cfg.task_type, task_cfg.task_name, defaults.data_type,
+                      model_name, defaults.model_type, opts.batch_size, opts.tp)  # fmt: skip
+    fingerprint = {
+        "model": to_dict(model_cfg) if model_cfg and predictions is None else None,
+        "task": to_dict(task_cfg),
+        "backend": backend_name,
+        "device": family,
+        "max_new_tokens": task.max_new_tokens,
+        "predictions": _file_digest(opts.predictions) if opts.predictions else None,
+    }
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    done = _resume(paths, fingerprint, opts.overwrite) if rank0 else {}
+    todo = [s for s in samples if s.id not in done]
+
+    load_time = 0.0
+    if todo and backend is None:
+        for key, value in (model_cfg.env or {}).items():
+            os.environ[key] = value
+        t0 = time.perf_counter()
+        backend = create_backend(backend_name, model_cfg, device, opts.tp)
+        load_time = time.perf_counter() - t0
+    if world > 1 and backend is not None and not backend.supports_tp:
+        raise ModelTestError(f"the {backend_name} backend does not run tensor parallel; launch it without torchrun")
+
+    records = {s.id: done[s.id] for s in samples if s.id in done}
+    infer_time = _loop(task, backend, todo, records, paths, opts, rank0) if todo else 0.0
+    if not rank0:
+        return RunResult([], 0.0, len(samples), 0, paths)
+
+    ordered = [records[s.id] for s in samples]
+    timings = {
+        "wall_s": time.time() - started,
+        "model_load_s": load_time,
+        "inference_s": infer_time,
+        "samples_this_run": len(todo),
+        "samples_per_s": len(todo) / infer_time if infer_time > 0 else None,
+        "resumed_samples": len(samples) - len(todo),
+    }
+    result = _finish(task, ordered, paths, opts, fingerprint, timings, device, model_name)
+    if predictions is not None:
+        result.summary["predictions_file"] = opts.predictions
+    return result
+
+
+def _select_predicted(samples: list[Sample], predictions: dict, path: str) -> list[Sample]:
+    """Score-only mode scores the questions the file answers; an id the dataset lacks is an error."""
+    known = {str(s.id) for s in samples}
+    unknown = [q for q in predictions if str(q) not in known]
+    if unknown:
+        shown = ", ".join(map(repr, unknown[:5])) + (" ..." if len(unknown) > 5 else "")
+        raise ModelTestError(f"{path}: {len(unknown)} question_id(s) are not in the dataset: {shown}")
+    for q in list(predictions):
+        predictions[str(q)] = predictions.pop(q)
+    chosen = [s for s in samples if str(s.id) in predictions]
+    if len(chosen) < len(samples):
+        print(f"modeltest: {path} answers {len(chosen)} of the {len(samples)} questions; scoring those", file=sys.stderr)
+    return chosen
+
+
+def _device(backend_name: str, device: str | None, backend: Backend | None) -> tuple[str, str]:
+    from engine.device import DeviceError, device_family, resolve_device
+
+    if backend_name == "predictions":
+        return "cpu", "CPU"
+    if backend is not None and getattr(backend, "device", None):
+        device = backend.device
+    try:
+        device = resolve_device(device)
+    except DeviceError as e:
+        raise ModelTestError(str(e)) from None
+    return device, device_family(device)
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _flatten(d, prefix="") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _resume(paths: RunPaths, fingerprint: dict, overwrite: bool) -> dict:
+    if overwrite:
+        for p in (paths.samples, paths.run_config):
+            if p.exists():
+                p.unlink()
+    if paths.run_config.exists():
+        stored = json.loads(paths.run_config.read_text(encoding="utf-8"))
+        old, new = _flatten(stored), _flatten(json.loads(json.dumps(fingerprint)))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+            raise ModelTestError(
+                f"{paths.debug_dir} holds samples made with a different configuration ({shown}); "
+                "rerun with --overwrite to start over, or choose another --output_dir"
+            )
+    else:
+        write_json(paths.run_config, fingerprint)
+    return read_samples(paths.samples)
+
+
+def _generate(backend: Backend, requests: list[Request]) -> list[Generation]:
+    """Generate a batch; when the backend raises, retry one by one so only the culprit fails."""
+    try:
+        out = backend.generate(requests)
+        if len(out) != len(requests):
+            raise RuntimeError(f"backend returned {len(out)} results for {len(requests)} requests")
+        return out
+    except Exception as e:
+        if len(requests) == 1:
+            return [Generation(error=f"{type(e).__name__}: {e}")]
+        return [g for r in requests for g in _generate(backend, [r])]
+
+
+def _record(task: Task, sample: Sample, gen: Generation) -> dict:
+    prediction = task.postprocess(gen.text) if gen.error is None else ""
+    score = task.score(prediction, sample) if gen.error is None else 0.0
+    return {
+        "id": sample.id,
+        "subject": sample.subject,
+        "image": sample.image,
+        "question": sample.extra.get("question"),
+        "prompt": gen.prompt if gen.prompt is not None else task.render(sample),
+        "raw_output": gen.text,
+        "prediction": prediction,
+        "references": [r["answer"] if isinstance(r, dict) else r for r in sample.references],
+        "score": score,
+        "error": gen.error,
+        "input_tokens": gen.input_tokens,
+        "output_tokens": gen.output_tokens,
+        "e2e_time": gen.e2e_time,
+    }
+
+
+def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, rank0: bool) -> float:
+    from tqdm import tqdm
+
+    total_score = sum(r["score"] for r in records.values())
+    debug_txt = None
+    if opts.save_debug and rank0:
+        debug_txt = open(paths.debug_dir / f"outputs_{datetime.now():%Y%m%d_%H%M%S}.txt", "a", encoding="utf-8")
+    log = JsonlAppender(paths.samples) if rank0 else None
+    bar = tqdm(total=len(records) + len(todo), initial=len(records), unit="sample", desc=task.config.task_name,
+               disable=not (opts.progress and rank0), dynamic_ncols=True)  # fmt: skip
+    infer_time = 0.0
+    try:
+        for start in range(0, len(todo), opts.batch_size):
+            batch = todo[start : start + opts.batch_size]
+            t0 = time.perf_counter()
+            gens = _generate(backend, [task.request(s) for s in batch])
+            infer_time += time.perf_counter() - t0
+            if not rank0:
+                continue
+            for sample, gen in zip(batch, gens, strict=True):
+                rec = _record(task, sample, gen)
+                log.write(rec)
+                records[sample.id] = rec
+                total_score += rec["score"]
+                if debug_txt:
+                    debug_txt.write(json.dumps([rec["raw_output"], rec["prompt"], rec["e2e_time"]], ensure_ascii=False) + "\n")
+            if debug_txt:
+                debug_txt.flush()
+            bar.update(len(batch))
+            bar.set_postfix(acc=f"{total_score / len(records):.4f}", refresh=False)
+    finally:
+        bar.close()
+        if log:
+            log.close()
+        if debug_txt:
+            debug_txt.close()
+    return infer_time
+
+
+def _finish(task: Task, records: list[dict], paths: RunPaths, opts: RunOptions, fingerprint: dict,
+            timings: dict, device: str, model_name: str) -> RunResult:  # fmt: skip
+    cfg = task.config
+    metric = task.metric
+    shots = cfg.shots
+    scores = [r["score"] for r in records]
+    value = metric.aggregate(scores)
+    rows = [[cfg.task_name, shots, len(records), sum(scores), metric.name, value]]
+    for subject in dict.fromkeys(r["subject"] for r in records):
+        sub = [r["score"] for r in records if r["subject"] == subject]
+        rows.append([subject, shots, len(sub), sum(sub), metric.name, metric.aggregate(sub)])
+    errors = sum(1 for r in records if r["error"] is not None)
+    error_rate = errors / len(records) if records else 0.0
+    failed = error_rate > opts.max_error_rate
+    csv_rows = [[r[0], r[1], r[2], round(r[3], 6), r[4], round(r[5], 6)] for r in rows]
+    write_csv(paths.result_csv, csv_rows)
+    summary = {
+        "task": cfg.task_name,
+        "model": model_name,
+        "metric": metric.name,
+        "normalizer": cfg.metric.normalizer,
+        "value": value,
+        "total": len(records),
+        "pass": sum(scores),
+        "errors": errors,
+        "error_rate": error_rate,
+        "max_error_rate": opts.max_error_rate,
+        "rows": [dict(zip(["Tasks", "N-Shot", "Total", "Pass", "Metric", "Value"], r, strict=True)) for r in rows],
+        "device": device,
+        "batch_size": opts.batch_size,
+        "tp": opts.tp,
+        "timings": timings,
+        "config": fingerprint,
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "finished_at": datetime.now().isoformat(timespec="seconds"),
+        "paths": {"csv": str(paths.result_csv), "samples": str(paths.samples)},
+    }
+    write_json(paths.result_json, summary)
+    _print_table(csv_rows, errors, failed, paths)
+    code = EXIT_TOO_MANY_ERRORS if failed else 0
+    return RunResult(rows, value, len(records), errors, paths, code, summary)
+
+
+def _print_table(rows, errors: int, failed: bool, paths: RunPaths) -> None:
+    from tabulate import tabulate
+    from termcolor import colored
+
+    color = "red" if failed else "green"
+    shown = [r[:5] + [colored(f"{r[5]:.4f}", color)] for r in rows]
+    print(tabulate(shown, headers=["Tasks", "N-Shot", "Total", "Pass", "Metric", "Value"], tablefmt="github"))
+    status = colored(f"errors: {errors}", "red" if errors else "green")
+    print(f"{status}\nresults: {paths.result_csv}\nsamples: {paths.samples}")
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("modeltest", "torch", "transformers", "open_clip_torch", "torch_npu"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5, check=True)  # fmt: skip
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -1,0 +1,162 @@
+"""Shared fixtures: real photos (scikit-image), TextVQA data in the seed's on-disk layout, and a
+tiny random Qwen2-VL saved the way transformers saves real checkpoints (nothing downloaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera"]
+
+# question, ten answers (TextVQA's annotators disagree; the cases cover exact, partial and no match)
+QUESTIONS = [
+    ("what is the brand of this camera?", ["dakota"] * 7 + ["dakota digital"] * 3),
+    ("what number is on the jersey?", ["22"] * 4 + ["twenty two"] * 2 + ["2"] * 4),
+    ("what does the sign say?", ["stop"] * 10),
+    ("what color is the cup?", ["white"] * 5 + ["blue"] * 5),
+]
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory) -> Path:
+    """A few real photographs as JPEG/PNG files."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    out = tmp_path_factory.mktemp("photos")
+    for i, name in enumerate(PHOTOS):
+        arr = getattr(skimage.data, name)()
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        Image.fromarray(arr).save(out / f"{name}.{'jpg' if i % 2 == 0 else 'png'}")
+    return out
+
+
+def make_textvqa(root: Path, photo_dir: Path, n: int = 8, relative: bool = True) -> Path:
+    """Write textvqa_val.jsonl + textvqa_val_annotations.json (+ train_images/) like the seed's data."""
+    images = root / "train_images"
+    images.mkdir(parents=True, exist_ok=True)
+    photos = sorted(photo_dir.iterdir())
+    rows, annotations = [], []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        shutil.copy(photo, images / photo.name)
+        question, answers = QUESTIONS[i % len(QUESTIONS)]
+        qid = 34602 + i
+        image = f"train_images/{photo.name}" if relative else str(images / photo.name)
+        rows.append({"image": image, "question": question, "question_id": qid, "answer": answers[0]})
+        annotations.append({
+            "question_id": qid,
+            "image_id": photo.stem,
+            "answers": [{"answer": a, "answer_id": j + 1} for j, a in enumerate(answers)],
+        })  # fmt: skip
+    path = root / "textvqa_val.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (root / "textvqa_val_annotations.json").write_text(json.dumps({"annotations": annotations}), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def textvqa(tmp_path, photo_dir) -> Path:
+    return make_textvqa(tmp_path / "textvqa", photo_dir)
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def task_yaml(tmp_path, textvqa) -> Path:
+    return write_yaml(tmp_path / "cfg" / "textvqa.yaml", {
+        "task_type": "precision",
+        "task_name": "textvqa",
+        "local_dataset_path": str(textvqa),
+        "metric": {"metric_type": "vqa_accuracy", "normalizer": "evalai"},
+        "subject_mapping": {"textvqa": {"name": "textvqa"}},
+    })  # fmt: skip
+
+
+def build_tiny_qwen2vl(out: Path) -> Path:
+    """A random Qwen2-VL (2 layers, hidden 64) with a small byte-level BPE tokenizer, a chat template
+    and Qwen2-VL's own image processor, saved with save_pretrained."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator([q for q, _ in QUESTIONS] * 10 + ["user assistant Answer: stop white 22"] * 10, trainer)
+    chat = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+        "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|>"
+        "<|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=specials[3:])  # fmt: skip
+    fast.chat_template = chat
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
+        tokenizer=fast, video_processor=Qwen2VLVideoProcessor(), chat_template=chat,
+    )  # fmt: skip
+    v = fast.get_vocab()
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, bos_token_id=v["<|endoftext|>"],
+            eos_token_id=v["<|im_end|>"], pad_token_id=v["<|endoftext|>"], tie_word_embeddings=False,
+        ),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=v["<|image_pad|>"], video_token_id=v["<|video_pad|>"],
+        vision_start_token_id=v["<|vision_start|>"], vision_end_token_id=v["<|vision_end|>"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = v["<|im_end|>"]
+    model.generation_config.pad_token_id = v["<|endoftext|>"]
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2vl(tmp_path_factory) -> Path:
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("qwen2vl") / "tiny-qwen2-vl")
+
+
+@pytest.fixture
+def hf_model_yaml(tmp_path, tiny_qwen2vl) -> Path:
+    return write_yaml(tmp_path / "cfg" / "tiny.yaml", {
+        "model_name": "tiny_qwen2_vl",
+        "model_path": str(tiny_qwen2vl),
+        "data_type": "fp32",
+        "backend": "hf",
+        "mm_model": {"infer_params": {"max_output_length": 6}},
+    })  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch):
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
