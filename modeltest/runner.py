@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from .backends.base import Backend, Generation, Request, create_backend
+from .backends.base import Backend, Generation, Request, check_model_path, create_backend
 from .config import ModelConfig, TaskConfig, to_dict
 from .errors import EXIT_TOO_MANY_ERRORS, ModelTestError
 from .output import JsonlAppender, RunPaths, read_samples, run_paths, write_csv, write_json
@@ -77,6 +77,8 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
     backend_name = "predictions" if predictions is not None else (opts.backend or (model_cfg.backend if model_cfg else None))
     if backend_name is None:
         raise ModelTestError("no model config: pass --model_config_path, or --predictions to score answers made elsewhere")
+    if backend is None:
+        check_model_path(model_cfg)  # before anything is written or loaded
     device, family = _device(backend_name, opts.device, backend)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and opts.tp != world:

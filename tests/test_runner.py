@@ -176,3 +176,4 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, task_yaml, capsys):
     model.write_text(f"model_name: m\nmodel_path: {tmp_path / 'no-weights'}\nbackend: hf\n")
     assert main(["--task_config_path", str(task_yaml), "--model_config_path", str(model), "--output_dir", str(tmp_path)]) == 2
     assert "model_path does not exist" in capsys.readouterr().err
+    assert not list(tmp_path.glob("debug/**/*")), "nothing is written before the inputs are checked"
