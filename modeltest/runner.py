@@ -22,7 +22,7 @@ from pathlib import Path
 from .backends.base import Backend, Generation, Request, check_model_path, create_backend
 from .config import ModelConfig, TaskConfig, to_dict
 from .errors import EXIT_TOO_MANY_ERRORS, ModelTestError
-from .output import JsonlAppender, RunPaths, read_samples, run_paths, write_csv, write_json
+from .output import CSV_COLUMNS, JsonlAppender, RunPaths, read_samples, run_paths, write_csv, write_json
 from .tasks import Sample, Task, get_task
 
 PREDICTIONS_MODEL_NAME = "predictions"
@@ -124,10 +124,7 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
         "samples_per_s": len(todo) / infer_time if infer_time > 0 else None,
         "resumed_samples": len(samples) - len(todo),
     }
-    result = _finish(task, ordered, paths, opts, fingerprint, timings, device, model_name)
-    if predictions is not None:
-        result.summary["predictions_file"] = opts.predictions
-    return result
+    return _finish(task, ordered, paths, opts, fingerprint, timings, device, model_name)
 
 
 def _select_predicted(samples: list[Sample], predictions: dict, path: str) -> list[Sample]:
@@ -297,7 +294,7 @@ def _finish(task: Task, records: list[dict], paths: RunPaths, opts: RunOptions, 
         "errors": errors,
         "error_rate": error_rate,
         "max_error_rate": opts.max_error_rate,
-        "rows": [dict(zip(["Tasks", "N-Shot", "Total", "Pass", "Metric", "Value"], r, strict=True)) for r in rows],
+        "rows": [dict(zip(CSV_COLUMNS, r, strict=True)) for r in rows],
         "device": device,
         "batch_size": opts.batch_size,
         "tp": opts.tp,
@@ -320,7 +317,7 @@ def _print_table(rows, errors: int, failed: bool, paths: RunPaths) -> None:
 
     color = "red" if failed else "green"
     shown = [r[:5] + [colored(f"{r[5]:.4f}", color)] for r in rows]
-    print(tabulate(shown, headers=["Tasks", "N-Shot", "Total", "Pass", "Metric", "Value"], tablefmt="github"))
+    print(tabulate(shown, headers=CSV_COLUMNS, tablefmt="github"))
     status = colored(f"errors: {errors}", "red" if errors else "green")
     print(f"{status}\nresults: {paths.result_csv}\nsamples: {paths.samples}")
 
