@@ -1,0 +1,46 @@
+"""Qwen-VL image preprocessing, as visual.py's `image_transform` defines it: RGB, squashed to
+448x448 with bicubic resampling (aspect ratio not kept), scaled to [0, 1], CLIP mean/std."""
+
+from __future__ import annotations
+
+import os
+
+from ...errors import EngineError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_SIZE = 448
+
+
+def load_image(source):
+    """A path or PIL image -> RGB PIL image. URLs are not fetched (the engine never downloads)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    path = os.fspath(source)
+    if path.startswith(("http://", "https://")):
+        raise EngineError(f"image URLs are not fetched: {path}; download the image and pass its path")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise EngineError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise EngineError(f"image unreadable: {path}: {e}") from None
+
+
+def preprocess(images: list, image_size: int = IMAGE_SIZE):
+    """Images (paths or PIL) -> pixel tensor [n, 3, image_size, image_size], float32."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    out = []
+    for source in images:
+        img = load_image(source).resize((image_size, image_size), Image.BICUBIC)
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # [3, H, W] uint8
+        out.append(x.float().div(255).sub(mean).div(std))
+    return torch.stack(out)
