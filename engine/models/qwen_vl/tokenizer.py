@@ -73,17 +73,24 @@ class QwenVLTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids for a raw Qwen-VL query, image spans expanded to 258 ids each."""
         ids = self.encoding.encode(unicodedata.normalize("NFC", text), allowed_special="all")
+        try:
+            return self._replace_spans(ids, self._image_span, strict=True)
+        except _UnclosedSpan:
+            raise EngineError(f"unclosed <img> in prompt: {text[:80]!r}") from None
+
+    def _replace_spans(self, ids: list[int], replace, strict: bool) -> list[int]:
+        """Rebuild `ids` with each closed <img>..</img> span replaced by `replace(inner ids)`.
+        An unclosed <img> raises when `strict`; otherwise the rest is kept as it is."""
         out: list[int] = []
         pos = 0
-        while True:
-            start = _find(ids, self.img_start_id, pos)
-            if start == -1:
-                break
+        while (start := _find(ids, self.img_start_id, pos)) != -1:
             end = _find(ids, self.img_end_id, start)
             if end == -1:
-                raise EngineError(f"unclosed <img> in prompt: {text[:80]!r}")
+                if strict:
+                    raise _UnclosedSpan
+                break
             out.extend(ids[pos:start])
-            out.extend(self._image_span(ids[start + 1 : end]))
+            out.extend(replace(ids[start + 1 : end]))
             pos = end + 1
         out.extend(ids[pos:])
         return out
@@ -106,22 +113,14 @@ class QwenVLTokenizer:
         return spans
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False, errors: str = "replace") -> str:
-        ids = list(ids)
-        out: list[int] = []
-        pos = 0
-        while True:
-            start = _find(ids, self.img_start_id, pos)
-            end = _find(ids, self.img_end_id, start) if start != -1 else -1
-            if end == -1:  # no (closed) span left; generated text is decoded as it is
-                break
-            inner = ids[start + 1 : end]
+        def span_text(inner: list[int]) -> list[int]:
             if self.img_pad_id in inner:
                 inner = inner[: inner.index(self.img_pad_id)]
             path = bytes(i for i in inner if i < 256).decode("utf-8", errors=errors)
-            out.extend(ids[pos:start])
-            out.extend([self.img_start_id, *self.encoding.encode(path, disallowed_special=()), self.img_end_id])
-            pos = end + 1
-        out.extend(ids[pos:])
+            return [self.img_start_id, *self.encoding.encode(path, disallowed_special=()), self.img_end_id]
+
+        # generated text may hold an unclosed <img>: it is decoded as it is
+        out = self._replace_spans(list(ids), span_text, strict=False)
         if skip_special_tokens:
             out = [i for i in out if i < self.eod_id]
         return self.encoding.decode(out, errors=errors)
@@ -145,6 +144,10 @@ class QwenVLTokenizer:
             else:
                 raise EngineError(f"unsupported prompt part {part!r}; use image, text or box")
         return text
+
+
+class _UnclosedSpan(Exception):
+    pass
 
 
 def _find(ids: list[int], token: int, start: int) -> int:
