@@ -1,0 +1,57 @@
+"""One attention interface over the paged KV cache; backends: torch (the reference, runs everywhere),
+and device kernels behind the same interface.
+
+A step's tokens from several sequences are packed into one [tokens, heads, head_dim] tensor. Each
+sequence contributes `query_lens[i]` new tokens at the end of its `context_lens[i]` cached tokens
+(prefill: query_len == context_len; decode: query_len == 1). The new K/V are written to the cache
+at `slot_mapping` (slot = block * block_size + offset) and attention reads K/V through
+`block_tables`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [tokens] int64: the cache slot of each new token
+    block_tables: torch.Tensor  # [seqs, max_blocks] int64, padded with 0
+    context_lens: torch.Tensor  # [seqs] int64: tokens in the cache after this step (new ones included)
+    query_lens: list[int]  # new tokens per sequence, in packing order
+    context_lens_list: list[int]  # context_lens on the host
+    block_size: int
+
+    @property
+    def is_prefill(self) -> bool:
+        return any(q > 1 for q in self.query_lens)
+
+
+class AttentionBackend(ABC):
+    name = "attention"
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [tokens, heads, head_dim], already rotated and scaled
+        k: torch.Tensor,  # [tokens, heads, head_dim]
+        v: torch.Tensor,  # [tokens, heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, heads, head_dim]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [tokens, heads, head_dim]
+        """Store k/v at their slots, then causal attention of q over each sequence's cached K/V."""
+
+
+def get_attention_backend(device: str, name: str | None = None) -> AttentionBackend:
+    """The attention backend for a device; "torch" (the reference) is the only one in this version."""
+    from ..errors import EngineError
+
+    if name in (None, "torch"):
+        from .torch import TorchAttention
+
+        return TorchAttention()
+    raise EngineError(f"unknown attention backend {name!r}; available: torch")

@@ -1,0 +1,171 @@
+"""Qwen-VL's language model, as the original modeling_qwen.py computes it at inference; parameter
+names match its keys (`transformer.h.N.*`, `transformer.wte`, `lm_head`).
+
+- RMSNorm in fp32, cast back, then times the weight;
+- c_attn (with bias) -> q|k|v -> rotary embedding in fp32 over the first rotary_dim dims
+  (half-rotated: [-x2, x1]) -> queries times the log-n factor (positions past seq_length) ->
+  attention -> c_proj (no bias);
+- MLP: c_proj(w1(x) * silu(w2(x))).
+- Dynamic NTK: the rotary base is stretched by alpha = max(2**ceil(log2(len/seq_length) + 1) - 1, 1)
+  where len is the prompt length at prefill; the original keeps that alpha for the whole generation.
+
+Tokens from several sequences are packed along one dimension: x is [tokens, hidden].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...attention import AttentionBackend, AttentionMetadata
+from .config import QwenVLConfig
+from .vision import VisionTransformer
+
+LOGN_TABLE_LEN = 32767  # the original precomputes log-n factors for positions 1..32767
+
+
+def ntk_alpha(prompt_len: int, seq_length: int) -> float:
+    """The original's dynamic-NTK factor, decided once from the prompt length at prefill."""
+    context_value = math.log(prompt_len / seq_length, 2) + 1
+    return max(2 ** math.ceil(context_value) - 1, 1)
+
+
+class RotaryEmbedding:
+    """cos/sin for (position, alpha), computed exactly as the original's cache is (fp32 outer product)."""
+
+    def __init__(self, dim: int, base: float, device):
+        self.dim, self.base, self.device = dim, base, device
+        self._inv_freq: dict[float, torch.Tensor] = {}
+
+    def inv_freq(self, alpha: float) -> torch.Tensor:
+        if alpha not in self._inv_freq:
+            base = self.base * alpha ** (self.dim / (self.dim - 2))
+            self._inv_freq[alpha] = 1.0 / (base ** (torch.arange(0, self.dim, 2, device=self.device).float() / self.dim))
+        return self._inv_freq[alpha]
+
+    def __call__(self, positions: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq(alpha)[None, :]  # [tokens, dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [tokens, dim]
+        return emb.cos(), emb.sin()
+
+
+def logn_table(seq_length: int, device) -> torch.Tensor:
+    """[LOGN_TABLE_LEN] fp32: log_{seq_length}(p + 1) for position p past seq_length, else 1."""
+    values = [math.log(i, seq_length) if i > seq_length else 1 for i in range(1, LOGN_TABLE_LEN + 1)]
+    return torch.tensor(values, device=device)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [tokens, heads, head_dim]; cos/sin: [tokens, rotary_dim] fp32."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot].float(), x[..., rot:].float()
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    x_rot = x_rot * cos[:, None, :] + rotated * sin[:, None, :]
+    return torch.cat((x_rot, x_pass), dim=-1).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class StepInputs:
+    """What every layer needs for one forward step, built once by the model runner."""
+
+    def __init__(self, cos, sin, logn, meta: AttentionMetadata, attention: AttentionBackend):
+        self.cos, self.sin, self.logn, self.meta, self.attention = cos, sin, logn, meta, attention
+
+
+class QWenAttention(nn.Module):
+    def __init__(self, cfg: QwenVLConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        proj = cfg.kv_channels * cfg.num_attention_heads
+        self.c_attn = nn.Linear(cfg.hidden_size, 3 * proj)
+        self.c_proj = nn.Linear(proj, cfg.hidden_size, bias=not cfg.no_bias)
+
+    def forward(self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], step: StepInputs) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.c_attn(x).split(self.heads * self.head_dim, dim=-1)
+        q, k, v = (t.view(tokens, self.heads, self.head_dim) for t in (q, k, v))  # [tokens, heads, head_dim]
+        q = apply_rotary(q, step.cos, step.sin)
+        k = apply_rotary(k, step.cos, step.sin)
+        if step.logn is not None:
+            q = q * step.logn.type_as(q)[:, None, None]
+        out = step.attention.forward(q, k, v, kv_cache[0], kv_cache[1], step.meta)
+        return self.c_proj(out.reshape(tokens, -1))
+
+
+class QWenMLP(nn.Module):
+    def __init__(self, cfg: QwenVLConfig):
+        super().__init__()
+        bias = not cfg.no_bias
+        self.w1 = nn.Linear(cfg.hidden_size, cfg.mlp_width, bias=bias)
+        self.w2 = nn.Linear(cfg.hidden_size, cfg.mlp_width, bias=bias)
+        self.c_proj = nn.Linear(cfg.mlp_width, cfg.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+
+
+class QWenBlock(nn.Module):
+    def __init__(self, cfg: QwenVLConfig):
+        super().__init__()
+        self.ln_1 = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        self.attn = QWenAttention(cfg)
+        self.ln_2 = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        self.mlp = QWenMLP(cfg)
+
+    def forward(self, x, kv_cache, step: StepInputs):
+        x = x + self.attn(self.ln_1(x), kv_cache, step)
+        return x + self.mlp(self.ln_2(x))
+
+
+class QWenModel(nn.Module):
+    def __init__(self, cfg: QwenVLConfig):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.h = nn.ModuleList(QWenBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.ln_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        self.visual = VisionTransformer(cfg.visual)
+
+
+class QwenVLForCausalLM(nn.Module):
+    """The whole model. `forward` runs one packed step and returns the logits of the rows asked for."""
+
+    def __init__(self, cfg: QwenVLConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = QWenModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] -> [n, 256, hidden]."""
+        return self.transformer.visual(pixels)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [tokens]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        step: StepInputs,
+        logits_rows: torch.Tensor,  # [n] rows of the packed tokens whose logits are returned
+        image_features: torch.Tensor | None = None,  # [images, 256, hidden]
+        image_rows: torch.Tensor | None = None,  # [images * 256] rows that take the image features
+    ) -> torch.Tensor:
+        x = self.transformer.wte(input_ids)  # [tokens, hidden]
+        if image_features is not None:
+            x[image_rows] = image_features.reshape(-1, x.shape[-1]).to(x.dtype)
+        for layer, kv_cache in zip(self.transformer.h, kv_caches, strict=True):
+            x = layer(x, kv_cache, step)
+        x = self.transformer.ln_f(x[logits_rows])
+        return self.lm_head(x)  # [n, vocab]
