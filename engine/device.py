@@ -57,3 +57,24 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
     elif kind == "npu":
         torch.npu.synchronize()
+
+
+def available_memory(device: str) -> int:
+    """Bytes free for new allocations: the device's free memory, or the host's MemAvailable on CPU."""
+    import torch
+
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    if kind == "npu":
+        return torch.npu.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -70,9 +70,17 @@ class QwenVLTokenizer:
     def vocab_size(self) -> int:
         return self.encoding.n_vocab
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids for a raw Qwen-VL query, image spans expanded to 258 ids each."""
-        ids = self.encoding.encode(unicodedata.normalize("NFC", text), allowed_special="all")
+    def encode(self, text: str, allowed_special: str | set[str] = "all") -> list[int]:
+        """Token ids for a raw Qwen-VL query, image spans expanded to 258 ids each.
+
+        `allowed_special`: the special tokens whose text becomes that token (the original's default:
+        all); any other special-token text is encoded as plain text. The chat format passes
+        IMAGE_TAGS only, so "<|im_start|>" typed in a message stays text, as in the original."""
+        if allowed_special != "all":
+            allowed_special = set(allowed_special)
+        ids = self.encoding.encode(
+            unicodedata.normalize("NFC", text), allowed_special=allowed_special, disallowed_special=()
+        )
         try:
             return self._replace_spans(ids, self._image_span, strict=True)
         except _UnclosedSpan:
@@ -120,7 +128,7 @@ class QwenVLTokenizer:
             return [self.img_start_id, *self.encoding.encode(path, disallowed_special=()), self.img_end_id]
 
         # generated text may hold an unclosed <img>: it is decoded as it is
-        out = self._replace_spans(list(ids), span_text, strict=False)
+        out = self._replace_spans(list(ids), span_text, strict=True)
         if skip_special_tokens:
             out = [i for i in out if i < self.eod_id]
         return self.encoding.decode(out, errors=errors)

@@ -1,0 +1,106 @@
+"""Turns a scheduled batch into the packed tensors one model step needs, runs the model, and returns
+the logits of each sequence's last position.
+
+Packing: the new tokens of all sequences in the step go along one dimension ([tokens]); each token
+gets its position, its KV-cache slot (through the sequence's block table) and its rotary cos/sin
+for the sequence's own NTK factor; queries past seq_length get the original's log-n factor. In a
+prefill step every image in the batch goes through the vision tower at once and its 256 features
+replace the 256 slots after that span's <img> token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import AttentionMetadata, get_attention_backend
+from .block_manager import BlockManager
+from .models.qwen_vl.language import QwenVLForCausalLM, RotaryEmbedding, StepInputs, logn_table
+from .models.qwen_vl.tokenizer import IMG_SPAN
+from .sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: QwenVLForCausalLM,
+        block_manager: BlockManager,
+        dtype: torch.dtype,
+        device: str,
+        attention_backend: str | None = None,
+    ):
+        cfg = model.config
+        self.model, self.block_manager, self.dtype, self.device = model, block_manager, dtype, device
+        self.block_size = block_manager.block_size
+        shape = (block_manager.num_blocks, self.block_size, cfg.num_attention_heads, cfg.head_dim)
+        # kv_caches[layer] = (k, v), each [num_blocks, block_size, heads, head_dim]
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(cfg.num_hidden_layers)
+        ]
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rotary_emb_base, device)
+        self.logn = logn_table(cfg.seq_length, device) if cfg.use_logn_attn else None
+        self.attention = get_attention_backend(device, attention_backend)
+
+    @staticmethod
+    def kv_bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_hidden_layers * block_size * cfg.num_attention_heads * cfg.head_dim * elem
+
+    def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        """fp32 logits [len(seqs), vocab] for the last position of each sequence."""
+        input_ids: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        logits_rows: list[int] = []
+        cos, sin, positions_all = [], [], []
+        pixels: list[torch.Tensor] = []
+        image_rows: list[int] = []
+        for seq in seqs:
+            tokens = seq.all_token_ids
+            start = seq.num_cached if is_prefill else seq.num_tokens - 1
+            new = tokens[start:]
+            positions = list(range(start, len(tokens)))
+            offset = len(input_ids)
+            if is_prefill:
+                for image, img_pos in zip(seq.images, seq.image_starts, strict=True):
+                    if img_pos >= start:  # this version always prefills from position 0
+                        pixels.append(image)
+                        image_rows.extend(range(offset + img_pos - start + 1, offset + img_pos - start + 1 + IMG_SPAN))
+            input_ids.extend(new)
+            slots.extend(self.block_manager.slot(seq, p) for p in positions)
+            query_lens.append(len(new))
+            context_lens.append(len(tokens))
+            logits_rows.append(len(input_ids) - 1)
+            pos = self._tensor(positions)
+            c, s = self.rotary(pos, seq.ntk_alpha)
+            cos.append(c)
+            sin.append(s)
+            positions_all.append(pos)
+
+        max_blocks = max(len(seq.block_table) for seq in seqs)
+        block_tables = self._tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs])
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots),
+            block_tables=block_tables,
+            context_lens=self._tensor(context_lens),
+            query_lens=query_lens,
+            context_lens_list=context_lens,
+            block_size=self.block_size,
+        )
+        positions = torch.cat(positions_all)
+        logn = self.logn[positions] if self.logn is not None else None
+        step = StepInputs(torch.cat(cos), torch.cat(sin), logn, meta, self.attention)
+
+        features = rows = None
+        if pixels:
+            features = self.model.encode_images(torch.stack(pixels).to(self.device))  # [images, 256, hidden]
+            rows = self._tensor(image_rows)
+        logits = self.model(self._tensor(input_ids), self.kv_caches, step, self._tensor(logits_rows), features, rows)
+        for seq, ctx in zip(seqs, context_lens, strict=True):
+            seq.num_cached = ctx
+        return logits.float()
