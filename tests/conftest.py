@@ -165,3 +165,33 @@ def _quiet_env(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# ---- tiny Qwen-VL checkpoints in the original on-disk format (real 151,936-token vocabulary) ----
+
+
+@pytest.fixture(scope="session")
+def qwen_vl_ckpt(tmp_path_factory) -> Path:
+    """hidden 128, 2 layers, 4 heads; vision width 64, 2 layers; fp32; two safetensors shards + index."""
+    from engine.models.qwen_vl.random_checkpoint import tiny_config, write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("qwen_vl") / "tiny-qwen-vl", tiny_config(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen_vl_ckpt_short(tmp_path_factory) -> Path:
+    """hidden 256 (two resampler heads), seq_length 32 so dynamic NTK and log-n scaling act on short
+    prompts; vision width 256 == output_dim (the resampler's kv_proj is the identity); .bin file."""
+    from engine.models.qwen_vl.random_checkpoint import tiny_config, write_random_checkpoint
+
+    cfg = tiny_config(hidden_size=256, seq_length=32, visual_width=256, visual_layers=1)
+    return write_random_checkpoint(tmp_path_factory.mktemp("qwen_vl") / "tiny-qwen-vl-short", cfg, seed=1, fmt="bin", shards=1)
+
+
+@pytest.fixture(scope="session")
+def qwen_vl_llm(qwen_vl_ckpt):
+    """The engine on `qwen_vl_ckpt`, fp32 on CPU, shared by tests that only generate."""
+    from engine import LLM
+
+    return LLM(qwen_vl_ckpt, dtype="float32", device="cpu", max_batch_size=8, max_model_len=4096,
+               num_blocks=256, block_size=16, progress=False)  # fmt: skip
