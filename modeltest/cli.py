@@ -76,7 +76,12 @@ def run_cli(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["selftest"]:
+            from .selftest import main as selftest
+
+            return selftest(argv[1:])
         return run_cli(argv)
     except ModelTestError as e:
         print(f"modeltest: error: {e}", file=sys.stderr)

@@ -1,29 +1,101 @@
-"""The `engine` backend: the bundled paged-attention engine (engine.LLM).
+"""The `engine` backend: the bundled paged-attention engine (engine.LLM), which runs Qwen-VL (v1)
+from its original checkpoint files.
 
-The engine's Qwen-VL model is built in its own issue; until it lands this backend says so clearly
-instead of failing somewhere deep.
+Each request is rendered in Qwen-VL's raw query format (`<img>path</img>question Answer:`, the
+format of Qwen-VL's own evaluate_vqa.py); its images are opened here (paths, PIL images or
+`datasets` cells) and handed to the engine with the prompt, so an unreadable image fails only its
+sample. A whole batch goes to `LLM.generate` at once and the engine schedules it. Greedy.
 """
 
 from __future__ import annotations
 
 from ..errors import ModelTestError
-from .base import Backend, Generation, Request, check_model_path
+from .base import Backend, Generation, Request, SampleError, check_model_path, open_image, render_qwen_prompt
+
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+MAX_LABEL_BYTES = 256  # Qwen-VL's <img>..</img> span holds at most this many path bytes
 
 
 class EngineBackend(Backend):
     name = "engine"
-    supports_tp = True
+    supports_tp = False  # tensor parallel lands with the engine's scheduling issue
 
     def __init__(self, model_cfg, device: str | None = None, tp: int = 1):
-        check_model_path(model_cfg)
-        try:
-            from engine import LLM  # noqa: F401
-        except ImportError:
-            raise ModelTestError(
-                "the bundled engine has no model runner yet (engine.LLM is not available in this version); "
-                "use --backend hf for models transformers runs natively, or --predictions to score answers "
-                "made elsewhere"
-            ) from None
+        from engine import LLM
+        from engine.errors import EngineError
 
-    def generate(self, requests: list[Request]) -> list[Generation]:  # pragma: no cover - lands with engine.LLM
-        raise NotImplementedError
+        if tp != 1:
+            raise ModelTestError("the engine runs on one device in this version; launch it without torchrun (--tp 1)")
+        path = check_model_path(model_cfg)
+        params = model_cfg.mm_model.infer_params
+        max_model_len = None
+        if params.max_input_length and params.max_output_length:
+            max_model_len = params.max_input_length + params.max_output_length
+        try:
+            self.llm = LLM(
+                path,
+                dtype=DTYPES[model_cfg.data_type],
+                device=device,
+                block_size=model_cfg.block_size,
+                max_batch_size=params.max_batch_size or 16,
+                max_model_len=max_model_len,
+                max_prefill_tokens=params.max_prefill_tokens,
+            )
+        except EngineError as e:
+            raise ModelTestError(f"{path}: {e}") from None
+        self.device = self.llm.config.device
+
+    def _prompt(self, request: Request) -> dict:
+        images = [open_image(p["image"]) for p in request.parts if "image" in p]
+        labeled = []
+        for part in request.parts:
+            if "image" in part:
+                label = _label(part["image"])
+                part = {"image": label}
+            labeled.append(part)
+        return {"prompt": render_qwen_prompt(labeled), "multi_modal_data": {"image": images}}
+
+    def generate(self, requests: list[Request]) -> list[Generation]:
+        from engine import SamplingParams
+
+        results: list[Generation | None] = [None] * len(requests)
+        prompts, params, rows = [], [], []
+        for i, req in enumerate(requests):
+            try:
+                prompts.append(self._prompt(req))
+            except SampleError as e:
+                results[i] = Generation(error=str(e))
+                continue
+            params.append(SamplingParams(max_tokens=req.max_new_tokens, min_tokens=min(req.min_new_tokens, req.max_new_tokens)))
+            rows.append(i)
+        if rows:
+            outs = self.llm.generate(prompts, params, use_tqdm=False, errors="return")
+            for i, out in zip(rows, outs, strict=True):
+                if out.finish_reason == "error":
+                    results[i] = Generation(prompt=out.prompt, error=out.error)
+                    continue
+                results[i] = Generation(
+                    text=out.text,
+                    prompt=out.prompt,
+                    input_tokens=len(out.prompt_token_ids),
+                    output_tokens=len(out.token_ids),
+                    e2e_time=out.e2e_time or 0.0,
+                    extra={"ttft_s": out.ttft, "decode_s_per_token": out.decode_time_per_token,
+                           "finish_reason": out.finish_reason},
+                )  # fmt: skip
+        return results  # type: ignore[return-value]
+
+
+def _label(image) -> str:
+    """The text inside the image's <img>..</img> span: its path when it fits (as the original
+    writes it), else its file name. The model never sees it: the span's slots take the image."""
+    import os
+
+    if isinstance(image, dict):
+        image = image.get("path") or "image"
+    if not isinstance(image, (str, os.PathLike)):
+        return "image"
+    path = os.fspath(image)
+    if len(path.encode("utf-8")) <= MAX_LABEL_BYTES:
+        return path
+    return os.path.basename(path).encode("utf-8")[-MAX_LABEL_BYTES:].decode("utf-8", "ignore")
