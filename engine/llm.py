@@ -34,6 +34,18 @@ from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence, Status
 
 logger = logging.getLogger("engine")
+
+
+def _default_logging() -> None:
+    """Like vLLM, say what the engine decided (KV cache size) on stderr unless the application has
+    configured logging itself."""
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("engine: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 ACTIVATION_RESERVE = 2 << 30  # bytes kept free on an accelerator for activations (vision tower, logits)
 CPU_KV_SHARE = 0.5  # at most this share of the host's available memory goes to the KV cache on CPU
 
@@ -57,6 +69,7 @@ class LLM:
     ):
         from .device import DeviceError
 
+        _default_logging()
         model_path = Path(model)
         if not model_path.is_dir():
             raise EngineError(f"model folder not found: {model_path}")
@@ -120,14 +133,18 @@ class LLM:
                 budget = free * c.memory_fraction - ACTIVATION_RESERVE
                 why = f"{c.memory_fraction:.0%} of {free / 2**30:.1f} GiB free device memory minus activations"
             num = min(wanted, int(budget // per_block))
+            if num == wanted:
+                why = f"a full batch: {c.max_batch_size} x max_model_len {c.max_model_len}; within {why}"
+            else:
+                why = f"{why}; a full batch of {c.max_batch_size} x max_model_len {c.max_model_len} wants {wanted} blocks"
         if num < 1:
             raise EngineError(
                 f"no room for the KV cache ({why}): one block of {c.block_size} tokens needs {per_block / 2**20:.1f} MiB; "
                 "lower block_size or max_model_len, or set kv_cache_memory_gb / num_blocks"
             )
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s; a full batch of %d x max_model_len %d wants %d blocks)",
-            num, c.block_size, num * c.block_size, num * per_block / 2**30, why, c.max_batch_size, c.max_model_len, wanted,
+            "KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s)",
+            num, c.block_size, num * c.block_size, num * per_block / 2**30, why,
         )  # fmt: skip
         return num
 
