@@ -50,8 +50,9 @@ class ModelRunner:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """fp32 logits [len(seqs), vocab] for the last position of each sequence."""
+    def run(self, seqs: list[Sequence], is_prefill: bool, all_rows: bool = False) -> torch.Tensor:
+        """fp32 logits [len(seqs), vocab] for the last position of each sequence (with `all_rows`:
+        [new tokens, vocab], every position this step computes, in packing order)."""
         input_ids: list[int] = []
         slots: list[int] = []
         query_lens: list[int] = []
@@ -75,7 +76,7 @@ class ModelRunner:
             slots.extend(self.block_manager.slot(seq, p) for p in positions)
             query_lens.append(len(new))
             context_lens.append(len(tokens))
-            logits_rows.append(len(input_ids) - 1)
+            logits_rows.extend(range(offset, len(input_ids)) if all_rows else [len(input_ids) - 1])
             pos = self._tensor(positions)
             c, s = self.rotary(pos, seq.ntk_alpha)
             cos.append(c)
