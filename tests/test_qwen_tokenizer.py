@@ -93,3 +93,13 @@ def test_bad_vocabulary_files(tmp_path):
     bad.write_bytes(b"IQ== 0\nnot-a-line\n")
     with pytest.raises(EngineError, match="qwen.tiktoken:2"):
         QwenVLTokenizer(tmp_path)
+
+
+def test_decode_keeps_an_unclosed_image_tag_and_skips_padding_rows(tok):
+    # generated text may open <img> without closing it: decoded as it is, not an error
+    ids = tok.encode("see ") + [tok.img_start_id] + tok.encode("a cat")
+    assert tok.decode(ids) == "see <img>a cat"
+    # the embedding has 151,936 rows but the vocabulary ends at 151,859: a random model can pick such
+    # an id; it has no text and must not break decoding
+    assert tok.vocab_size == 151860
+    assert tok.decode(tok.encode("ok") + [151900, 151935]) == "ok"

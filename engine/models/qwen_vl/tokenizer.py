@@ -128,7 +128,10 @@ class QwenVLTokenizer:
             return [self.img_start_id, *self.encoding.encode(path, disallowed_special=()), self.img_end_id]
 
         # generated text may hold an unclosed <img>: it is decoded as it is
-        out = self._replace_spans(list(ids), span_text, strict=True)
+        out = self._replace_spans(list(ids), span_text, strict=False)
+        # the embedding has rows past the vocabulary (151,936 vs 151,860 ids); a model may pick one,
+        # and it has no text: skip it instead of failing the whole decode
+        out = [i for i in out if i < self.encoding.n_vocab]
         if skip_special_tokens:
             out = [i for i in out if i < self.eod_id]
         return self.encoding.decode(out, errors=errors)
