@@ -205,15 +205,19 @@ class LLM:
 
         outputs: list[RequestOutput | None] = [None] * len(prompts)
         index: dict[int, int] = {}
+        seqs = []
         for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
             try:
                 seq = self._make_sequence(prompt, params)
             except EngineError as e:
                 if errors == "raise":
-                    raise EngineError(f"prompt {i}: {e}") from None
-                outputs[i] = RequestOutput(i, str(prompt)[:200], [], "", [], "error", error=str(e))
+                    raise EngineError(f"prompt {i}: {e}") from None  # nothing was queued yet
+                outputs[i] = RequestOutput(self._next_id, str(prompt)[:200], [], "", [], "error", error=str(e))
+                self._next_id += 1
                 continue
             index[seq.seq_id] = i
+            seqs.append(seq)
+        for seq in seqs:
             self.scheduler.add(seq)
 
         bar = tqdm(total=len(index), desc="generating", unit="req", disable=not use_tqdm)
