@@ -322,6 +322,10 @@ def test_wrong_model_type_and_text_only_qwen(qwen_vl_ckpt, tmp_path):
     )
     text_only = {k: v for k, v in tiny_config().items() if k != "visual"}
     refused(make_folder(tmp_path / "qwen", qwen_vl_ckpt, text_only), "no 'visual' section")
+    refused(
+        make_folder(tmp_path / "unscaled", qwen_vl_ckpt, tiny_config(scale_attn_weights=False)),
+        "scale_attn_weights False is not supported",
+    )
 
 
 def test_missing_tokenizer_vocabulary(qwen_vl_ckpt, tmp_path):

@@ -98,6 +98,11 @@ class QwenVLConfig:
                 f"{where}: no 'visual' section; this is a text-only Qwen checkpoint, not Qwen-VL "
                 "(the engine runs Qwen/Qwen-VL and Qwen/Qwen-VL-Chat)"
             )
+        if raw.get("scale_attn_weights", True) is not True:
+            raise EngineError(
+                f"{where}: scale_attn_weights {raw['scale_attn_weights']!r} is not supported; every Qwen-VL release "
+                "scales attention by 1/sqrt(head_dim) (true)"
+            )
         quant = raw.get("quantization_config")
         if quant:
             raise EngineError(
