@@ -195,3 +195,15 @@ def qwen_vl_llm(qwen_vl_ckpt):
 
     return LLM(qwen_vl_ckpt, dtype="float32", device="cpu", max_batch_size=8, max_model_len=4096,
                num_blocks=256, block_size=16, progress=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of many tiny-model steps: their ops are far too small for intra-op threads, and on a
+    busy 2-core machine the threads' spin-waits made them ~10x slower. Restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

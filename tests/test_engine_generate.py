@@ -34,14 +34,7 @@ GREEDY = SamplingParams(max_tokens=6)
 TEXT = "The quick brown fox jumps over the lazy dog"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's ops are far too small for intra-op threads: on a busy 2-core machine the threads'
-    spin-waits made these tests ~10x slower. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def gen(llm, prompts, params=GREEDY, **kw):
