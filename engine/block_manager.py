@@ -1,9 +1,9 @@
-"""Paged KV cache bookkeeping: fixed-size blocks handed to sequences from a free list.
+"""Paged KV cache bookkeeping: fixed-size blocks handed to sequences from a free list, on demand.
 
 A sequence's block table lists its blocks in order; token position p lives in slot
-`block_table[p // block_size] * block_size + p % block_size`. In this version a sequence gets the
-blocks for its whole budget (prompt + max_tokens) when it is admitted, so a running batch never
-runs out mid-generation; on-demand growth with preemption replaces that in the scheduling issue.
+`block_table[p // block_size] * block_size + p % block_size`. A sequence holds the blocks for the
+tokens it has in the cache plus the ones the next step writes; `allocate` grows its table to that,
+`free` returns every block at once (finished or preempted).
 """
 
 from __future__ import annotations
@@ -26,18 +26,18 @@ class BlockManager:
     def num_free(self) -> int:
         return len(self.free_blocks)
 
-    def blocks_needed(self, seq: Sequence) -> int:
-        return blocks_for(seq.max_total_tokens, self.block_size)
+    def missing(self, seq: Sequence) -> int:
+        """Blocks `seq` still needs so that all its tokens (the next step's included) have a slot."""
+        return max(0, blocks_for(seq.num_tokens, self.block_size) - len(seq.block_table))
 
     def can_allocate(self, seq: Sequence) -> bool:
-        return self.blocks_needed(seq) <= self.num_free
+        return self.missing(seq) <= self.num_free
 
     def allocate(self, seq: Sequence) -> None:
-        assert not seq.block_table, f"sequence {seq.seq_id} already holds blocks"
-        need = self.blocks_needed(seq)
+        need = self.missing(seq)
         if need > self.num_free:
             raise RuntimeError(f"allocate: {need} blocks needed, {self.num_free} free")
-        seq.block_table = [self.free_blocks.popleft() for _ in range(need)]
+        seq.block_table.extend(self.free_blocks.popleft() for _ in range(need))
 
     def free(self, seq: Sequence) -> None:
         self.free_blocks.extend(seq.block_table)

@@ -182,6 +182,9 @@ class LLM:
             image_starts=rendered.image_starts,
             logprobs=[] if params.logprobs is not None else None,
         )
+        cfg = self.model_config
+        if cfg.use_dynamic_ntk:  # fixed by the prompt's length, also when a preempted sequence is recomputed
+            seq.ntk_alpha = ntk_alpha(n, cfg.seq_length)
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
         self._next_id += 1
@@ -241,12 +244,8 @@ class LLM:
 
     def step(self) -> list[Sequence]:
         """Run one scheduled step; returns the sequences that finished in it."""
-        seqs, is_prefill = self.scheduler.schedule()
-        if is_prefill:
-            cfg = self.model_config
-            for seq in seqs:
-                seq.ntk_alpha = ntk_alpha(seq.num_tokens, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
-        logits = self.runner.run(seqs, is_prefill)  # [seqs, vocab] fp32
+        seqs = self.scheduler.schedule()
+        logits = self.runner.run(seqs)  # [seqs, vocab] fp32
         tokens = self._sample(seqs, logits)
         synchronize(self.config.device)
         now = time.perf_counter()

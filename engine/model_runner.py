@@ -1,11 +1,12 @@
 """Turns a scheduled batch into the packed tensors one model step needs, runs the model, and returns
 the logits of each sequence's last position.
 
-Packing: the new tokens of all sequences in the step go along one dimension ([tokens]); each token
-gets its position, its KV-cache slot (through the sequence's block table) and its rotary cos/sin
-for the sequence's own NTK factor; queries past seq_length get the original's log-n factor. In a
-prefill step every image in the batch goes through the vision tower at once and its 256 features
-replace the 256 slots after that span's <img> token.
+Packing: the new tokens of all sequences in the step — a whole prompt for a sequence being
+prefilled (or recomputed after a preemption), one token for a decoding one — go along one dimension
+([tokens]); each token gets its position, its KV-cache slot (through the sequence's block table)
+and its rotary cos/sin for the sequence's own NTK factor; queries past seq_length get the
+original's log-n factor. Every image whose span is among the new tokens goes through the vision
+tower in one batch and its 256 features replace the 256 slots after that span's <img> token.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ class ModelRunner:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool, all_rows: bool = False) -> torch.Tensor:
+    def run(self, seqs: list[Sequence], all_rows: bool = False) -> torch.Tensor:
         """fp32 logits [len(seqs), vocab] for the last position of each sequence (with `all_rows`:
-        [new tokens, vocab], every position this step computes, in packing order)."""
+        [new tokens, vocab], every position this step computes, in packing order). Each sequence
+        computes its tokens from `num_cached` on; its block table must cover them."""
         input_ids: list[int] = []
         slots: list[int] = []
         query_lens: list[int] = []
@@ -63,15 +65,14 @@ class ModelRunner:
         image_rows: list[int] = []
         for seq in seqs:
             tokens = seq.all_token_ids
-            start = seq.num_cached if is_prefill else seq.num_tokens - 1
+            start = seq.num_cached
             new = tokens[start:]
             positions = list(range(start, len(tokens)))
             offset = len(input_ids)
-            if is_prefill:
-                for image, img_pos in zip(seq.images, seq.image_starts, strict=True):
-                    if img_pos >= start:  # this version always prefills from position 0
-                        pixels.append(image)
-                        image_rows.extend(range(offset + img_pos - start + 1, offset + img_pos - start + 1 + IMG_SPAN))
+            for image, img_pos in zip(seq.images, seq.image_starts, strict=True):
+                if img_pos >= start:  # spans are computed whole: a step starts before a span or after it
+                    pixels.append(image)
+                    image_rows.extend(range(offset + img_pos - start + 1, offset + img_pos - start + 1 + IMG_SPAN))
             input_ids.extend(new)
             slots.extend(self.block_manager.slot(seq, p) for p in positions)
             query_lens.append(len(new))

@@ -1,10 +1,15 @@
-"""Decides what each engine step runs: a prefill of newly admitted sequences, or one decode token
-for every running sequence.
+"""Continuous batching: decides which sequences each engine step runs.
 
-Waiting sequences are admitted first-come first-served while the batch has room
-(`max_batch_size`), the step's prompt tokens stay within `max_prefill_tokens` (a single prompt may
-exceed it alone) and the block manager can reserve their blocks. Prefill steps take priority; a
-finished sequence frees its blocks at once, so the next step can admit a waiting one.
+Every step runs all running sequences (one new token each) together with newly admitted ones (their
+whole prompt, or prompt + output so far after a preemption) in one packed batch. Admission is
+first-come first-served while the batch is under `max_batch_size`, the step's prefill tokens stay
+within `max_prefill_tokens` (a lone prompt may exceed it) and the block manager has the blocks. A
+finished sequence frees its blocks at once, so the next step admits a waiting one.
+
+Blocks are taken on demand. When a running sequence needs a block and none is free, the most
+recently admitted sequence is preempted: its blocks are freed and it goes back to the front of the
+queue, to be recomputed from its tokens later (prompt + what it generated), which gives the same
+tokens as an uninterrupted run. A step that preempted admits nothing new, so the batch cannot thrash.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -28,32 +34,51 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """(sequences to run, is_prefill)."""
-        admitted: list[Sequence] = []
-        tokens = 0
-        while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+    def schedule(self) -> list[Sequence]:
+        """The sequences the next step runs (each computes its tokens from `num_cached` on)."""
+        bm = self.block_manager
+        preempted: list[Sequence] = []
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            while not bm.can_allocate(seq):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                bm.allocate(seq)
+        for seq in preempted:  # preempted newest first: back to the front, the earliest admitted first
+            self.waiting.appendleft(seq)
+
+        prefill_tokens = 0
+        while not preempted and self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            prompt = len(seq.prompt_token_ids)
-            if admitted and tokens + prompt > self.max_prefill_tokens:
+            tokens = seq.num_tokens
+            if prefill_tokens and prefill_tokens + tokens > self.max_prefill_tokens:
                 break
-            if not self.block_manager.can_allocate(seq):
+            if not bm.can_allocate(seq):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq)
+            bm.allocate(seq)
             seq.status = Status.RUNNING
-            admitted.append(seq)
-            tokens += prompt
-        if admitted:
-            self.running.extend(admitted)
-            return admitted, True
+            self.running.append(seq)
+            prefill_tokens += tokens
         if not self.running and self.waiting:
             seq = self.waiting[0]
             raise RuntimeError(
-                f"sequence {seq.seq_id} needs {self.block_manager.blocks_needed(seq)} KV blocks but the cache "
-                f"has {self.block_manager.num_blocks}; the engine should have rejected it"
+                f"sequence {seq.seq_id} needs {bm.missing(seq)} KV blocks but the cache has {bm.num_blocks}; "
+                "the engine should have rejected it"
             )
-        return list(self.running), False
+        return list(self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
         seq.status = Status.FINISHED

@@ -30,7 +30,8 @@ class Sequence:
     logprobs: list[dict[int, float]] | None = None
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the cache
-    ntk_alpha: float = 1.0  # fixed at prefill from the prompt length, as the original does
+    ntk_alpha: float = 1.0  # from the prompt length, for the whole generation, as the original does
+    num_preemptions: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None

@@ -54,11 +54,12 @@ class Recorder:
     def __enter__(self):
         original = self.llm.runner.run
 
-        def run(seqs, is_prefill, *args, **kwargs):
+        def run(seqs, *args, **kwargs):
             if args or kwargs:  # not the one-row-per-sequence call `LLM.step` makes
-                return original(seqs, is_prefill, *args, **kwargs)
-            logits = original(seqs, is_prefill).clone()
-            self.batch_sizes.append((len(seqs), is_prefill))
+                return original(seqs, *args, **kwargs)
+            prefill = any(s.num_tokens - s.num_cached > 1 for s in seqs)  # a prompt is computed in this step
+            logits = original(seqs).clone()
+            self.batch_sizes.append((len(seqs), prefill))
             for row, seq in zip(logits, seqs, strict=True):
                 if self.bias is not None:
                     self.bias(seq, row)

@@ -78,8 +78,8 @@ def greedy_with_logits(llm: LLM, prompts) -> tuple[list[list[int]], list[torch.T
     logits: dict[int, list[torch.Tensor]] = {}
     original = llm.runner.run
 
-    def run(seqs, is_prefill, *args, **kwargs):
-        out = original(seqs, is_prefill, *args, **kwargs)
+    def run(seqs, *args, **kwargs):
+        out = original(seqs, *args, **kwargs)
         if args or kwargs:  # not the one-row-per-sequence call `LLM.step` makes
             return out
         for row, seq in zip(out, seqs, strict=True):

@@ -96,8 +96,8 @@ def run_engine(llm, prompts: list[str], max_tokens: int) -> list[Trace]:
     steps: dict[int, list[torch.Tensor]] = {}
     real_run = llm.runner.run
 
-    def recording_run(seqs, is_prefill):
-        logits = real_run(seqs, is_prefill)
+    def recording_run(seqs):
+        logits = real_run(seqs)
         for seq, row in zip(seqs, logits, strict=True):
             steps.setdefault(seq.seq_id, []).append(row.clone())
         return logits

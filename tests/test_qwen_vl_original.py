@@ -103,8 +103,6 @@ def _check_rows(got: torch.Tensor, expected: list[dict], what: str) -> None:
 
 @pytest.mark.parametrize("name, case", list(_cases()))
 def test_matches_original_code(engines, photos, name, case):
-    from engine.models.qwen_vl.language import ntk_alpha
-
     llm = engines[name]
     prompt = _prompt(case, photos)
 
@@ -115,8 +113,7 @@ def test_matches_original_code(engines, photos, name, case):
     # the whole prefill, at the sampled positions
     llm.block_manager.allocate(seq)
     try:
-        seq.ntk_alpha = ntk_alpha(seq.num_tokens, llm.model_config.seq_length)
-        logits = llm.runner.run([seq], True, all_rows=True)
+        logits = llm.runner.run([seq], all_rows=True)
     finally:
         llm.block_manager.free(seq)
     _check_rows(logits[[r["row"] for r in case["prefill"]]], case["prefill"], "prefill")
@@ -125,8 +122,8 @@ def test_matches_original_code(engines, photos, name, case):
     steps = []
     run = llm.runner.run
 
-    def capture(seqs, is_prefill, all_rows=False):
-        out = run(seqs, is_prefill, all_rows)
+    def capture(seqs, all_rows=False):
+        out = run(seqs, all_rows)
         steps.append(out[0].clone())
         return out
 
