@@ -43,6 +43,7 @@ class EngineConfig:
     num_blocks: int | None = None
     kv_cache_memory_gb: float | None = None
     memory_fraction: float = 0.9  # of the free device memory after the weights (the seed's NPU_MEMORY_FRACTION)
+    image_cache_gb: float = 0.5  # vision features kept per distinct image (0 disables)
     attention_backend: str | None = None
 
     def __post_init__(self):
@@ -56,6 +57,8 @@ class EngineConfig:
                 raise EngineError(f"{key} must be a positive integer or None, got {value!r}")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise EngineError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
+        if self.image_cache_gb < 0:
+            raise EngineError(f"image_cache_gb must be >= 0 (0 disables it), got {self.image_cache_gb!r}")
         if not 0 < self.memory_fraction <= 1:
             raise EngineError(f"memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
         if self.max_prefill_tokens is None:

@@ -22,6 +22,7 @@ from .block_manager import BlockManager, blocks_for
 from .config import EngineConfig, resolve_dtype
 from .device import available_memory, resolve_device, synchronize
 from .errors import EngineError
+from .image_cache import pixel_key
 from .model_runner import ModelRunner
 from .models.qwen_vl.config import QwenVLConfig
 from .models.qwen_vl.language import LOGN_TABLE_LEN, QwenVLForCausalLM, ntk_alpha
@@ -63,6 +64,7 @@ class LLM:
         num_blocks: int | None = None,
         kv_cache_memory_gb: float | None = None,
         memory_fraction: float = 0.9,
+        image_cache_gb: float = 0.5,
         attention_backend: str | None = None,
         seed: int = 0,
         progress: bool = True,
@@ -97,6 +99,7 @@ class LLM:
             num_blocks=num_blocks,
             kv_cache_memory_gb=kv_cache_memory_gb,
             memory_fraction=memory_fraction,
+            image_cache_gb=image_cache_gb,
             attention_backend=attention_backend,
         )
         self.tokenizer = QwenVLTokenizer(model_path)
@@ -113,7 +116,8 @@ class LLM:
         self.config.num_blocks = self._size_kv_cache()
         self.block_manager = BlockManager(self.config.num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_batch_size, self.config.max_prefill_tokens)
-        self.runner = ModelRunner(self.model, self.block_manager, self.config.dtype, device, attention_backend)
+        self.runner = ModelRunner(self.model, self.block_manager, self.config.dtype, device, attention_backend,
+                                  image_cache_bytes=int(image_cache_gb * (1 << 30)))  # fmt: skip
         self.generator = torch.Generator().manual_seed(seed)  # for requests without their own seed
         self._next_id = 0
 
@@ -167,6 +171,7 @@ class LLM:
             )
         size = self.model_config.visual.image_size
         pixels = [preprocess([image], size)[0] for image in rendered.images]
+        keys = [pixel_key(p) for p in pixels]
         end_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             end_ids.add(self.tokenizer.eod_id)
@@ -179,6 +184,7 @@ class LLM:
             params=params,
             end_ids=end_ids,
             images=pixels,
+            image_keys=keys,
             image_starts=rendered.image_starts,
             logprobs=[] if params.logprobs is not None else None,
         )

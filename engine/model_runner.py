@@ -15,6 +15,7 @@ import torch
 
 from .attention import AttentionMetadata, get_attention_backend
 from .block_manager import BlockManager
+from .image_cache import FeatureCache
 from .models.qwen_vl.language import QwenVLForCausalLM, RotaryEmbedding, StepInputs, logn_table
 from .models.qwen_vl.tokenizer import IMG_SPAN
 from .sequence import Sequence
@@ -28,6 +29,7 @@ class ModelRunner:
         dtype: torch.dtype,
         device: str,
         attention_backend: str | None = None,
+        image_cache_bytes: int = 0,
     ):
         cfg = model.config
         self.model, self.block_manager, self.dtype, self.device = model, block_manager, dtype, device
@@ -41,6 +43,7 @@ class ModelRunner:
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rotary_emb_base, device)
         self.logn = logn_table(cfg.seq_length, device) if cfg.use_logn_attn else None
         self.attention = get_attention_backend(device, attention_backend)
+        self.image_cache = FeatureCache(image_cache_bytes)
 
     @staticmethod
     def kv_bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -61,7 +64,7 @@ class ModelRunner:
         context_lens: list[int] = []
         logits_rows: list[int] = []
         cos, sin, positions_all = [], [], []
-        pixels: list[torch.Tensor] = []
+        images: list[tuple[str, torch.Tensor]] = []  # (key, pixels) of each span computed in this step
         image_rows: list[int] = []
         for seq in seqs:
             tokens = seq.all_token_ids
@@ -69,9 +72,9 @@ class ModelRunner:
             new = tokens[start:]
             positions = list(range(start, len(tokens)))
             offset = len(input_ids)
-            for image, img_pos in zip(seq.images, seq.image_starts, strict=True):
+            for key, image, img_pos in zip(seq.image_keys, seq.images, seq.image_starts, strict=True):
                 if img_pos >= start:  # spans are computed whole: a step starts before a span or after it
-                    pixels.append(image)
+                    images.append((key, image))
                     image_rows.extend(range(offset + img_pos - start + 1, offset + img_pos - start + 1 + IMG_SPAN))
             input_ids.extend(new)
             slots.extend(self.block_manager.slot(seq, p) for p in positions)
@@ -99,10 +102,22 @@ class ModelRunner:
         step = StepInputs(torch.cat(cos), torch.cat(sin), logn, meta, self.attention)
 
         features = rows = None
-        if pixels:
-            features = self.model.encode_images(torch.stack(pixels).to(self.device))  # [images, 256, hidden]
+        if images:
+            features = self._image_features(images)  # [images, 256, hidden]
             rows = self._tensor(image_rows)
         logits = self.model(self._tensor(input_ids), self.kv_caches, step, self._tensor(logits_rows), features, rows)
         for seq, ctx in zip(seqs, context_lens, strict=True):
             seq.num_cached = ctx
         return logits.float()
+
+    def _image_features(self, images: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """Features for each (key, pixels): from the cache, else one vision-tower batch of the
+        distinct new images."""
+        found = {key: f for key, _ in images if (f := self.image_cache.get(key)) is not None}
+        todo = {key: pixels for key, pixels in images if key not in found}
+        if todo:
+            computed = self.model.encode_images(torch.stack(list(todo.values())).to(self.device))
+            for key, feats in zip(todo, computed, strict=True):
+                found[key] = feats
+                self.image_cache.put(key, feats)
+        return torch.stack([found[key] for key, _ in images])

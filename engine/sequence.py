@@ -26,6 +26,7 @@ class Sequence:
     end_ids: set[int]  # tokens that end the sequence (eos unless ignore_eos, stop_token_ids)
     images: list = field(default_factory=list)  # pixel tensors [3, H, W], one per image span, in order
     image_starts: list[int] = field(default_factory=list)  # position of each span's <img> token
+    image_keys: list[str] = field(default_factory=list)  # content hash of each image (feature cache key)
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
     block_table: list[int] = field(default_factory=list)

@@ -100,3 +100,45 @@ def test_preemption_gives_the_tokens_of_an_uninterrupted_run(qwen_vl_ckpt, qwen_
     assert tight.scheduler.num_preemptions > before
     assert [o.token_ids for o in outs] == [o.token_ids for o in plenty_sampled]
     assert tight.block_manager.num_free == 24
+
+
+# ---- vision feature cache --------------------------------------------------------------------------
+
+
+def test_feature_cache_is_lru_within_its_byte_budget():
+    import torch
+
+    from engine.image_cache import FeatureCache, pixel_key
+
+    cache = FeatureCache(max_bytes=3 * 4 * 10)  # room for three [10] fp32 tensors
+    for i in range(3):
+        cache.put(f"k{i}", torch.full((10,), float(i)))
+    assert cache.get("k0") is not None  # k0 is now the most recently used
+    cache.put("k3", torch.zeros(10))
+    assert cache.get("k1") is None and cache.get("k0") is not None and cache.get("k3") is not None
+    assert cache.bytes == 3 * 40 and (cache.hits, cache.misses) == (3, 1)
+    a, b = torch.zeros(3, 4, 4), torch.zeros(3, 4, 4)
+    b[1, 2, 3] = 1e-6
+    assert pixel_key(a) == pixel_key(a.clone()) != pixel_key(b)  # content, not identity
+
+
+def test_vision_tower_runs_once_per_distinct_image(qwen_vl_ckpt, photo_dir, tmp_path):
+    import shutil
+
+    photos = sorted(photo_dir.iterdir())
+    copy = tmp_path / "same-picture-other-name.jpg"
+    shutil.copy(photos[0], copy)
+    prompts = [f"<img>{photos[0]}</img>What is this? Answer:", f"<img>{copy}</img>What colour is it? Answer:",
+               f"<img>{photos[1]}</img>What is this? Answer:", f"<img>{photos[0]}</img>Is it big? Answer:"]  # fmt: skip
+    params = SamplingParams(max_tokens=6)
+    kwargs = dict(dtype="float32", device="cpu", block_size=16, num_blocks=128, max_model_len=512, progress=False)
+    uncached = LLM(qwen_vl_ckpt, image_cache_gb=0, **kwargs).generate(prompts, params, use_tqdm=False)
+
+    llm = LLM(qwen_vl_ckpt, **kwargs)
+    encoded = []
+    encode = llm.model.encode_images
+    llm.model.encode_images = lambda pixels: encoded.append(len(pixels)) or encode(pixels)
+    outs = llm.generate(prompts[:2], params, use_tqdm=False) + llm.generate(prompts[2:], params, use_tqdm=False)
+    assert encoded == [1, 1]  # photo 0 (and its copy: same pixels) once, photo 1 once; the 4th is a hit
+    assert [o.token_ids for o in outs] == [o.token_ids for o in uncached]
+    assert llm.runner.image_cache.hits == 1  # the 4th prompt; the copy was deduplicated within its step
