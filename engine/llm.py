@@ -196,9 +196,13 @@ class LLM:
         self._next_id += 1
         return seq
 
-    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True, errors: str = "raise") -> list[RequestOutput]:
+    def generate(
+        self, prompts, sampling_params=None, use_tqdm: bool = True, errors: str = "raise", on_output=None
+    ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order. `errors="return"` turns a prompt that cannot run (bad
-        image, too long) into an output with finish_reason "error" and the message in `.error`."""
+        image, too long) into an output with finish_reason "error" and the message in `.error`.
+        `on_output(index, output)` is called as each prompt finishes, so callers can save results
+        while the rest still runs."""
         from tqdm import tqdm
 
         if errors not in ("raise", "return"):
@@ -223,6 +227,8 @@ class LLM:
                     raise EngineError(f"prompt {i}: {e}") from None  # nothing was queued yet
                 outputs[i] = RequestOutput(self._next_id, str(prompt)[:200], [], "", [], "error", error=str(e))
                 self._next_id += 1
+                if on_output:
+                    on_output(i, outputs[i])
                 continue
             index[seq.seq_id] = i
             seqs.append(seq)
@@ -233,8 +239,11 @@ class LLM:
         try:
             while self.scheduler.has_work():
                 for seq in self.step():
-                    outputs[index[seq.seq_id]] = RequestOutput.from_sequence(seq)
+                    i = index[seq.seq_id]
+                    outputs[i] = RequestOutput.from_sequence(seq)
                     bar.update()
+                    if on_output:
+                        on_output(i, outputs[i])
         finally:
             bar.close()
             self._abort_all()

@@ -105,7 +105,7 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
         for key, value in (model_cfg.env or {}).items():
             os.environ[key] = value
         t0 = time.perf_counter()
-        backend = create_backend(backend_name, model_cfg, device, opts.tp)
+        backend = create_backend(backend_name, model_cfg, device, opts.tp, opts.batch_size)
         load_time = time.perf_counter() - t0
     if world > 1 and backend is not None and not backend.supports_tp:
         raise ModelTestError(f"the {backend_name} backend does not run tensor parallel; launch it without torchrun")
@@ -195,17 +195,33 @@ def _resume(paths: RunPaths, fingerprint: dict, overwrite: bool) -> dict:
     return read_samples(paths.samples)
 
 
-def _generate(backend: Backend, requests: list[Request]) -> list[Generation]:
-    """Generate a batch; when the backend raises, retry one by one so only the culprit fails."""
+def _generate(backend: Backend, requests: list[Request], emit) -> None:
+    """Generate a batch, passing each result to `emit(index, generation)` (as it finishes, for a
+    streaming backend). When the backend raises, the requests without a result are retried one by
+    one, so only the culprit fails."""
+    done: set[int] = set()
+
+    def once(i: int, gen: Generation) -> None:
+        if i not in done:
+            done.add(i)
+            emit(i, gen)
+
     try:
-        out = backend.generate(requests)
+        if backend.streams:
+            out = backend.generate(requests, on_result=once)
+        else:
+            out = backend.generate(requests)
         if len(out) != len(requests):
             raise RuntimeError(f"backend returned {len(out)} results for {len(requests)} requests")
-        return out
+        for i, gen in enumerate(out):
+            once(i, gen)
     except Exception as e:
         if len(requests) == 1:
-            return [Generation(error=f"{type(e).__name__}: {e}")]
-        return [g for r in requests for g in _generate(backend, [r])]
+            once(0, Generation(error=f"{type(e).__name__}: {e}"))
+            return
+        for i, request in enumerate(requests):
+            if i not in done:
+                _generate(backend, [request], lambda _, gen, i=i: once(i, gen))
 
 
 def _record(task: Task, sample: Sample, gen: Generation) -> dict:
@@ -240,24 +256,27 @@ def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, rank0
                disable=not (opts.progress and rank0), dynamic_ncols=True)  # fmt: skip
     infer_time = 0.0
     try:
-        for start in range(0, len(todo), opts.batch_size):
-            batch = todo[start : start + opts.batch_size]
-            t0 = time.perf_counter()
-            gens = _generate(backend, [task.request(s) for s in batch])
-            infer_time += time.perf_counter() - t0
-            if not rank0:
-                continue
-            for sample, gen in zip(batch, gens, strict=True):
-                rec = _record(task, sample, gen)
+        size = max(opts.batch_size, backend.window or 0)
+        for start in range(0, len(todo), size):
+            batch = todo[start : start + size]
+
+            def emit(i: int, gen: Generation, batch=batch) -> None:
+                nonlocal total_score
+                if not rank0:
+                    return
+                rec = _record(task, batch[i], gen)
                 log.write(rec)
-                records[sample.id] = rec
+                records[batch[i].id] = rec
                 total_score += rec["score"]
                 if debug_txt:
                     debug_txt.write(json.dumps([rec["raw_output"], rec["prompt"], rec["e2e_time"]], ensure_ascii=False) + "\n")
-            if debug_txt:
-                debug_txt.flush()
-            bar.update(len(batch))
-            bar.set_postfix(acc=f"{total_score / len(records):.4f}", refresh=False)
+                    debug_txt.flush()
+                bar.update(1)
+                bar.set_postfix(acc=f"{total_score / len(records):.4f}", refresh=False)
+
+            t0 = time.perf_counter()
+            _generate(backend, [task.request(s) for s in batch], emit)
+            infer_time += time.perf_counter() - t0
     finally:
         bar.close()
         if log:

@@ -55,11 +55,13 @@ def test_engine_backend_isolates_a_broken_image(backend, textvqa, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     good = Request(2, [{"image": str(img / "astronaut.jpg")}, {"text": "what is this? Answer:"}], 4)
+    streamed = []
     out = backend.generate([
         Request(0, [{"image": str(img / "nope.jpg")}, {"text": "q"}], 4),
         Request(1, [{"image": str(broken)}, {"text": "q"}], 4),
         good,
-    ])  # fmt: skip
+    ], on_result=lambda i, gen: streamed.append((i, gen)))  # fmt: skip
+    assert sorted(i for i, _ in streamed) == [0, 1, 2] and all(out[i] is gen for i, gen in streamed)
     assert "image not found" in out[0].error and "nope.jpg" in out[0].error
     assert "unreadable" in out[1].error and "broken.jpg" in out[1].error
     assert out[2].error is None and out[2].text == backend.generate([good])[0].text

@@ -177,3 +177,32 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, task_yaml, capsys):
     assert main(["--task_config_path", str(task_yaml), "--model_config_path", str(model), "--output_dir", str(tmp_path)]) == 2
     assert "model_path does not exist" in capsys.readouterr().err
     assert not list(tmp_path.glob("debug/**/*")), "nothing is written before the inputs are checked"
+
+
+class StreamingBackend(TableBackend):
+    """Finishes requests out of order, reporting each as it goes, and falls over mid-window."""
+
+    streams = True
+    window = 8
+
+    def generate(self, requests, on_result=None):
+        if len(requests) == 1:  # a retry: answered like the table backend (which logs the call)
+            return super().generate(requests)
+        self.calls.append([r.id for r in requests])
+        for i in reversed(range(len(requests))):
+            if requests[i].id == 34604:
+                raise RuntimeError("device fell over")
+            on_result(i, Generation(text=ANSWERS[requests[i].id - 34602][0], output_tokens=2))
+        raise AssertionError("unreachable")
+
+
+def test_streaming_backend_saves_each_result_as_it_finishes(task_yaml, tmp_path):
+    backend = StreamingBackend(fail_ids={34604})
+    res = _run(task_yaml, tmp_path / "s", backend, batch_size=2)
+    assert backend.calls[0] == list(range(34602, 34610))  # one window, not batches of --batch_size 2
+    # streamed in completion order; after the failure only the requests without a result are retried
+    lines = [json.loads(x) for x in res.paths.samples.read_text().splitlines()]
+    assert [r["id"] for r in lines[:5]] == [34609, 34608, 34607, 34606, 34605]
+    assert backend.calls[1:] == [[34602], [34603], [34604]]
+    assert {r["id"]: r["error"] for r in lines}[34604] == "RuntimeError: device fell over"
+    assert res.total == 8 and res.errors == 1

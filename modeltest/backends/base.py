@@ -45,6 +45,11 @@ class Backend(ABC):
 
     name: str = "backend"
     supports_tp: bool = False
+    # requests per generate() call the backend schedules best; None: the run's --batch_size
+    window: int | None = None
+    # True: generate(requests, on_result=f) calls f(index, generation) as each request finishes,
+    # so the runner saves it at once instead of after the whole call
+    streams: bool = False
 
     @abstractmethod
     def generate(self, requests: list[Request]) -> list[Generation]:
@@ -99,8 +104,9 @@ def render_qwen_prompt(parts: list[dict]) -> str:
 BACKENDS = ("engine", "hf")
 
 
-def create_backend(name: str, model_cfg, device: str | None, tp: int = 1) -> Backend:
-    """Build the named backend for `model_cfg` (loads the model)."""
+def create_backend(name: str, model_cfg, device: str | None, tp: int = 1, batch_size: int = 1) -> Backend:
+    """Build the named backend for `model_cfg` (loads the model). `batch_size` is the run's
+    --batch_size: the engine runs that many sequences at once (the seed's meaning)."""
     from ..errors import unknown_name
 
     if name == "hf":
@@ -110,7 +116,7 @@ def create_backend(name: str, model_cfg, device: str | None, tp: int = 1) -> Bac
     if name == "engine":
         from .engine import EngineBackend
 
-        return EngineBackend(model_cfg, device=device, tp=tp)
+        return EngineBackend(model_cfg, device=device, tp=tp, batch_size=batch_size)
     raise unknown_name("backend", name, BACKENDS)
 
 

@@ -18,9 +18,11 @@ MAX_LABEL_BYTES = 256  # Qwen-VL's <img>..</img> span holds at most this many pa
 
 class EngineBackend(Backend):
     name = "engine"
-    supports_tp = False  # tensor parallel lands with the engine's scheduling issue
+    supports_tp = False  # the engine runs on one device in this version
+    window = 256  # requests handed to the scheduler at once; each is saved as it finishes
+    streams = True
 
-    def __init__(self, model_cfg, device: str | None = None, tp: int = 1):
+    def __init__(self, model_cfg, device: str | None = None, tp: int = 1, batch_size: int = 1):
         from engine import LLM
         from engine.errors import EngineError
 
@@ -37,7 +39,7 @@ class EngineBackend(Backend):
                 dtype=DTYPES[model_cfg.data_type],
                 device=device,
                 block_size=model_cfg.block_size,
-                max_batch_size=params.max_batch_size or 16,
+                max_batch_size=params.max_batch_size or batch_size,  # the seed's --batch_size: sequences at once
                 max_model_len=max_model_len,
                 max_prefill_tokens=params.max_prefill_tokens,
             )
@@ -55,7 +57,7 @@ class EngineBackend(Backend):
             labeled.append(part)
         return {"prompt": render_qwen_prompt(labeled), "multi_modal_data": {"image": images}}
 
-    def generate(self, requests: list[Request]) -> list[Generation]:
+    def generate(self, requests: list[Request], on_result=None) -> list[Generation]:
         from engine import SamplingParams
 
         results: list[Generation | None] = [None] * len(requests)
@@ -65,25 +67,33 @@ class EngineBackend(Backend):
                 prompts.append(self._prompt(req))
             except SampleError as e:
                 results[i] = Generation(error=str(e))
+                if on_result:
+                    on_result(i, results[i])
                 continue
             params.append(SamplingParams(max_tokens=req.max_new_tokens, min_tokens=min(req.min_new_tokens, req.max_new_tokens)))
             rows.append(i)
         if rows:
-            outs = self.llm.generate(prompts, params, use_tqdm=False, errors="return")
-            for i, out in zip(rows, outs, strict=True):
-                if out.finish_reason == "error":
-                    results[i] = Generation(prompt=out.prompt, error=out.error)
-                    continue
-                results[i] = Generation(
-                    text=out.text,
-                    prompt=out.prompt,
-                    input_tokens=len(out.prompt_token_ids),
-                    output_tokens=len(out.token_ids),
-                    e2e_time=out.e2e_time or 0.0,
-                    extra={"ttft_s": out.ttft, "decode_s_per_token": out.decode_time_per_token,
-                           "finish_reason": out.finish_reason},
-                )  # fmt: skip
+
+            def finished(j: int, out) -> None:
+                results[rows[j]] = _generation(out)
+                if on_result:
+                    on_result(rows[j], results[rows[j]])
+
+            self.llm.generate(prompts, params, use_tqdm=False, errors="return", on_output=finished)
         return results  # type: ignore[return-value]
+
+
+def _generation(out) -> Generation:
+    if out.finish_reason == "error":
+        return Generation(prompt=out.prompt, error=out.error)
+    return Generation(
+        text=out.text,
+        prompt=out.prompt,
+        input_tokens=len(out.prompt_token_ids),
+        output_tokens=len(out.token_ids),
+        e2e_time=out.e2e_time or 0.0,
+        extra={"ttft_s": out.ttft, "decode_s_per_token": out.decode_time_per_token, "finish_reason": out.finish_reason},
+    )
 
 
 def _label(image) -> str:
