@@ -1,15 +1,26 @@
-"""Paged KV cache bookkeeping: fixed-size blocks handed to sequences from a free list, on demand.
+"""Paged KV cache bookkeeping: fixed-size blocks handed to sequences on demand, and a prefix cache.
 
 A sequence's block table lists its blocks in order; token position p lives in slot
 `block_table[p // block_size] * block_size + p % block_size`. A sequence holds the blocks for the
 tokens it has in the cache plus the ones the next step writes; `allocate` grows its table to that,
-`free` returns every block at once (finished or preempted).
+`free` gives them back (finished or preempted).
+
+Prefix caching: a block that is full is registered under a key of its content and of everything
+before it (a chain of hashes over the token ids; image slots hash as the image's pixel key, since
+their ids are only path bytes; plus the sequence's NTK factor, which the cached keys were rotated
+with). A new (or recomputed) sequence starts with the registered blocks that match its tokens, so
+a shared prompt head or an image asked about again is not computed twice. Shared blocks are only
+read: a sequence always computes at least its last token, from a block boundary on (the model
+runner places the image features of a span's remaining slots when a match ends inside a span).
+Free blocks keep their content until they are handed out again, least recently freed first.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from collections import OrderedDict
 
+from .models.qwen_vl.tokenizer import IMG_SPAN
 from .sequence import Sequence
 
 
@@ -18,29 +29,99 @@ def blocks_for(tokens: int, block_size: int) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+        self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest first
+        self.ref_count = [0] * num_blocks
+        self.cached: dict[bytes, int] = {}  # content key -> block
+        self.block_key: dict[int, bytes] = {}  # block -> its content key
+        self.hit_tokens = 0  # tokens served from the prefix cache
 
     @property
     def num_free(self) -> int:
         return len(self.free_blocks)
 
+    # ---- content keys ----------------------------------------------------------------------
+
+    def _keys(self, seq: Sequence, full_blocks: int) -> list[bytes]:
+        """Content keys of the first `full_blocks` blocks of `seq` (extends seq.block_keys)."""
+        keys = seq.block_keys
+        tokens = seq.all_token_ids
+        bs = self.block_size
+        while len(keys) < full_blocks:
+            j = len(keys)
+            h = hashlib.blake2b(keys[-1] if keys else repr(seq.ntk_alpha).encode(), digest_size=16)
+            block = list(tokens[j * bs : (j + 1) * bs])
+            for key, start in zip(seq.image_keys, seq.image_starts, strict=True):
+                lo, hi = max(start + 1, j * bs), min(start + 1 + IMG_SPAN, (j + 1) * bs)
+                if lo < hi:  # image slots in this block: their content is the image
+                    block[lo - j * bs : hi - j * bs] = [-1] * (hi - lo)
+                    h.update(key.encode())
+            h.update(repr(block).encode())
+            keys.append(h.digest())
+        return keys[:full_blocks]
+
+    def _match(self, seq: Sequence) -> list[int]:
+        """Registered blocks that hold the start of `seq`'s tokens (never its last token: a step
+        computes at least one)."""
+        if not self.prefix_caching or seq.block_table:
+            return []
+        blocks = []
+        for key in self._keys(seq, (seq.num_tokens - 1) // self.block_size):  # the last token is computed
+            block = self.cached.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    # ---- allocation ------------------------------------------------------------------------
+
     def missing(self, seq: Sequence) -> int:
-        """Blocks `seq` still needs so that all its tokens (the next step's included) have a slot."""
-        return max(0, blocks_for(seq.num_tokens, self.block_size) - len(seq.block_table))
+        """Free blocks `seq` would take so that all its tokens (the next step's included) have a slot."""
+        matched = self._match(seq)
+        reused_free = sum(1 for b in matched if self.ref_count[b] == 0)
+        need = blocks_for(seq.num_tokens, self.block_size) - len(seq.block_table) - len(matched)
+        return max(0, need) + reused_free
 
     def can_allocate(self, seq: Sequence) -> bool:
         return self.missing(seq) <= self.num_free
 
     def allocate(self, seq: Sequence) -> None:
-        need = self.missing(seq)
-        if need > self.num_free:
-            raise RuntimeError(f"allocate: {need} blocks needed, {self.num_free} free")
-        seq.block_table.extend(self.free_blocks.popleft() for _ in range(need))
+        if self.missing(seq) > self.num_free:
+            raise RuntimeError(f"allocate: {self.missing(seq)} blocks needed, {self.num_free} free")
+        matched = self._match(seq)
+        for block in matched:
+            if self.ref_count[block] == 0:
+                del self.free_blocks[block]
+            self.ref_count[block] += 1
+        if matched:
+            seq.block_table = list(matched)
+            seq.num_cached = len(matched) * self.block_size
+            self.hit_tokens += seq.num_cached
+        while len(seq.block_table) < blocks_for(seq.num_tokens, self.block_size):
+            block, _ = self.free_blocks.popitem(last=False)
+            old = self.block_key.pop(block, None)
+            if old is not None and self.cached.get(old) == block:
+                del self.cached[old]
+            self.ref_count[block] = 1
+            seq.block_table.append(block)
+
+    def register(self, seq: Sequence) -> None:
+        """After a step: make the sequence's full blocks findable by content."""
+        if not self.prefix_caching:
+            return
+        full = seq.num_cached // self.block_size
+        for j, key in enumerate(self._keys(seq, full)):
+            block = seq.block_table[j]
+            if key not in self.cached:
+                self.cached[key] = block
+                self.block_key[block] = key
 
     def free(self, seq: Sequence) -> None:
-        self.free_blocks.extend(seq.block_table)
+        for block in reversed(seq.block_table):  # the tail is evicted before the shared head
+            self.ref_count[block] -= 1
+            if self.ref_count[block] == 0:
+                self.free_blocks[block] = None
         seq.block_table = []
         seq.num_cached = 0
 

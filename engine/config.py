@@ -44,6 +44,7 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None
     memory_fraction: float = 0.9  # of the free device memory after the weights (the seed's NPU_MEMORY_FRACTION)
     image_cache_gb: float = 0.5  # vision features kept per distinct image (0 disables)
+    enable_prefix_caching: bool = True  # reuse full KV blocks whose content (tokens, images) matches
     attention_backend: str | None = None
 
     def __post_init__(self):

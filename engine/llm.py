@@ -65,6 +65,7 @@ class LLM:
         kv_cache_memory_gb: float | None = None,
         memory_fraction: float = 0.9,
         image_cache_gb: float = 0.5,
+        enable_prefix_caching: bool = True,
         attention_backend: str | None = None,
         seed: int = 0,
         progress: bool = True,
@@ -100,6 +101,7 @@ class LLM:
             kv_cache_memory_gb=kv_cache_memory_gb,
             memory_fraction=memory_fraction,
             image_cache_gb=image_cache_gb,
+            enable_prefix_caching=enable_prefix_caching,
             attention_backend=attention_backend,
         )
         self.tokenizer = QwenVLTokenizer(model_path)
@@ -114,7 +116,7 @@ class LLM:
         self.model.eval()
 
         self.config.num_blocks = self._size_kv_cache()
-        self.block_manager = BlockManager(self.config.num_blocks, block_size)
+        self.block_manager = BlockManager(self.config.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_batch_size, self.config.max_prefill_tokens)
         self.runner = ModelRunner(self.model, self.block_manager, self.config.dtype, device, attention_backend,
                                   image_cache_bytes=int(image_cache_gb * (1 << 30)))  # fmt: skip

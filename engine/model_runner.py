@@ -64,8 +64,9 @@ class ModelRunner:
         context_lens: list[int] = []
         logits_rows: list[int] = []
         cos, sin, positions_all = [], [], []
-        images: list[tuple[str, torch.Tensor]] = []  # (key, pixels) of each span computed in this step
-        image_rows: list[int] = []
+        images: list[tuple[str, torch.Tensor]] = []  # (key, pixels) of each span with slots in this step
+        image_rows: list[int] = []  # packed rows that take image features
+        feature_rows: list[int] = []  # which rows of the images' [n * 256, hidden] features they take
         for seq in seqs:
             tokens = seq.all_token_ids
             start = seq.num_cached
@@ -73,9 +74,12 @@ class ModelRunner:
             positions = list(range(start, len(tokens)))
             offset = len(input_ids)
             for key, image, img_pos in zip(seq.image_keys, seq.images, seq.image_starts, strict=True):
-                if img_pos >= start:  # spans are computed whole: a step starts before a span or after it
+                first = max(img_pos + 1, start)  # the span's slots are img_pos+1 .. img_pos+256; a cached
+                if first <= img_pos + IMG_SPAN:  # prefix may hold the first ones already
+                    base = len(images) * IMG_SPAN - (img_pos + 1)
                     images.append((key, image))
-                    image_rows.extend(range(offset + img_pos - start + 1, offset + img_pos - start + 1 + IMG_SPAN))
+                    image_rows.extend(range(offset + first - start, offset + img_pos + IMG_SPAN + 1 - start))
+                    feature_rows.extend(range(base + first, base + img_pos + IMG_SPAN + 1))
             input_ids.extend(new)
             slots.extend(self.block_manager.slot(seq, p) for p in positions)
             query_lens.append(len(new))
@@ -103,11 +107,12 @@ class ModelRunner:
 
         features = rows = None
         if images:
-            features = self._image_features(images)  # [images, 256, hidden]
+            features = self._image_features(images).flatten(0, 1)[self._tensor(feature_rows)]  # [rows, hidden]
             rows = self._tensor(image_rows)
         logits = self.model(self._tensor(input_ids), self.kv_caches, step, self._tensor(logits_rows), features, rows)
         for seq, ctx in zip(seqs, context_lens, strict=True):
             seq.num_cached = ctx
+            self.block_manager.register(seq)
         return logits.float()
 
     def _image_features(self, images: list[tuple[str, torch.Tensor]]) -> torch.Tensor:

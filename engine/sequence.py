@@ -30,6 +30,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
     block_table: list[int] = field(default_factory=list)
+    block_keys: list[bytes] = field(default_factory=list)  # content keys of its full blocks (prefix cache)
     num_cached: int = 0  # tokens whose K/V are in the cache
     ntk_alpha: float = 1.0  # from the prompt length, for the whole generation, as the original does
     num_preemptions: int = 0

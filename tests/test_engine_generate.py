@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import pytest
 import torch
@@ -123,13 +123,14 @@ def photos(photo_dir):
 def _check_paged_against_dense(llm, prompts, images, max_tokens):
     gen(llm, "move the free list along first", SamplingParams(max_tokens=3))
     saved = list(llm.block_manager.free_blocks)
-    random.Random(0).shuffle(llm.block_manager.free_blocks)
+    shuffled = saved[:]
+    random.Random(0).shuffle(shuffled)
+    llm.block_manager.free_blocks = OrderedDict.fromkeys(shuffled)
     try:
         with Recorder(llm) as rec:
             outs = gen(llm, prompts, SamplingParams(max_tokens=max_tokens))
     finally:
-        llm.block_manager.free_blocks.clear()
-        llm.block_manager.free_blocks.extend(saved)
+        llm.block_manager.free_blocks = OrderedDict.fromkeys(saved)
     for out, imgs in zip(outs, images, strict=True):
         assert len(out.token_ids) == max_tokens
         table = rec.tables[out.request_id]

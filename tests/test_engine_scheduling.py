@@ -142,3 +142,43 @@ def test_vision_tower_runs_once_per_distinct_image(qwen_vl_ckpt, photo_dir, tmp_
     assert encoded == [1, 1]  # photo 0 (and its copy: same pixels) once, photo 1 once; the 4th is a hit
     assert [o.token_ids for o in outs] == [o.token_ids for o in uncached]
     assert llm.runner.image_cache.hits == 1  # the 4th prompt; the copy was deduplicated within its step
+
+
+# ---- prefix cache ----------------------------------------------------------------------------------
+
+
+def test_prefix_cache_reuses_shared_heads_and_never_mixes_images(qwen_vl_ckpt, photo_dir, tmp_path):
+    import shutil
+
+    photos = sorted(photo_dir.iterdir())
+    renamed = tmp_path / "another-name-for-the-same-picture.jpg"
+    shutil.copy(photos[0], renamed)
+    head = "You are a careful assistant. Read the question and answer with one word. " * 3
+    waves = [
+        [head + "Question: what is red?", head + "Question: what is blue?"],  # admitted together: no hits
+        [head + "Question: what is red?"] * 2,  # both reuse the head the first wave registered
+        [f"Picture 1: <img>{photos[0]}</img>\nWhat is in the picture?"],
+        [f"Picture 1: <img>{photos[0]}</img>\nWhat is shown in this picture? Answer:",  # shares part of a span
+         f"Picture 1: <img>{photos[1]}</img>\nWhat is in the picture?",  # same text, another image
+         f"Picture 1: <img>{renamed}</img>\nWhat is in the picture?"],  # same pixels, another path
+    ]  # fmt: skip
+    params = SamplingParams(max_tokens=8)
+    kwargs = dict(dtype="float32", device="cpu", block_size=16, max_model_len=512, max_batch_size=4, progress=False)
+    plain = LLM(qwen_vl_ckpt, num_blocks=128, enable_prefix_caching=False, **kwargs)
+    # 80 blocks: the waves take ~92 in all, so later ones hand out blocks that earlier ones registered
+    cached = LLM(qwen_vl_ckpt, num_blocks=80, **kwargs)
+    bm = cached.block_manager
+    hits = []
+    for prompts in waves:
+        before = bm.hit_tokens
+        want = [o.token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+        assert [o.token_ids for o in cached.generate(prompts, params, use_tqdm=False)] == want
+        hits.append(bm.hit_tokens - before)
+    assert hits[0] == 0
+    assert hits[1] >= 2 * 48  # the shared head (at least 3 full 16-token blocks) of both prompts
+    # the renamed copy and the other question about the same picture reuse the image's blocks (the
+    # latter up to where its text differs, inside the span's last block); another image shares
+    # nothing, its first block already holds image slots
+    assert 2 * 240 <= hits[3] < 3 * 240
+    assert bm.num_free == 80 and all(c == 0 for c in bm.ref_count)
+    assert all(bm.block_key[b] == k for k, b in bm.cached.items())  # no stale entry points to a reused block

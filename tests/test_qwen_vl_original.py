@@ -110,12 +110,14 @@ def test_matches_original_code(engines, photos, name, case):
     seq = llm._make_sequence(prompt, SamplingParams(max_tokens=1))
     assert _without_paths(seq.prompt_token_ids) == _without_paths(case["input_ids"])
 
-    # the whole prefill, at the sampled positions
-    llm.block_manager.allocate(seq)
+    # the whole prefill, at the sampled positions (computed in full: no prefix-cache match here)
+    llm.block_manager.prefix_caching = False
     try:
+        llm.block_manager.allocate(seq)
         logits = llm.runner.run([seq], all_rows=True)
     finally:
         llm.block_manager.free(seq)
+        llm.block_manager.prefix_caching = True
     _check_rows(logits[[r["row"] for r in case["prefill"]]], case["prefill"], "prefill")
 
     # greedy generation through the paged engine, every step's logits captured

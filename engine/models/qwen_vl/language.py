@@ -159,8 +159,8 @@ class QwenVLForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         step: StepInputs,
         logits_rows: torch.Tensor,  # [n] rows of the packed tokens whose logits are returned
-        image_features: torch.Tensor | None = None,  # [images, 256, hidden]
-        image_rows: torch.Tensor | None = None,  # [images * 256] rows that take the image features
+        image_features: torch.Tensor | None = None,  # [n, hidden] (or [images, 256, hidden])
+        image_rows: torch.Tensor | None = None,  # [n] rows that take the image features, in order
     ) -> torch.Tensor:
         x = self.transformer.wte(input_ids)  # [tokens, hidden]
         if image_features is not None:
