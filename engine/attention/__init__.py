@@ -46,12 +46,22 @@ class AttentionBackend(ABC):
         """Store k/v at their slots, then causal attention of q over each sequence's cached K/V."""
 
 
+BACKENDS = ("torch", "sdpa")
+
+
 def get_attention_backend(device: str, name: str | None = None) -> AttentionBackend:
-    """The attention backend for a device; "torch" (the reference) is the only one in this version."""
+    """The attention backend for a device: `name` if given (torch = the reference, sdpa = torch's
+    fused scaled_dot_product_attention), else sdpa on CUDA and the torch reference elsewhere."""
     from ..errors import EngineError
 
-    if name in (None, "torch"):
+    if name is None:
+        name = "sdpa" if device.startswith("cuda") else "torch"
+    if name == "torch":
         from .torch import TorchAttention
 
         return TorchAttention()
-    raise EngineError(f"unknown attention backend {name!r}; available: torch")
+    if name == "sdpa":
+        from .sdpa import SDPAAttention
+
+        return SDPAAttention()
+    raise EngineError(f"unknown attention backend {name!r}; available: {', '.join(BACKENDS)}")

@@ -1,0 +1,60 @@
+"""Attention through torch's scaled_dot_product_attention (flash / memory-efficient kernels on CUDA,
+a fused kernel on CPU): the default on CUDA when flash-attn is not installed.
+
+Prefill: one SDPA call per sequence over its K/V gathered from the paged cache (causal; with an
+offset mask when a cached prefix precedes the new tokens). Decode: one SDPA call for all decoding
+sequences at once, their K/V gathered into a padded [seqs, heads, max_ctx, dim] batch with a key
+padding mask. Same math as the torch reference up to rounding (SDPA multiplies by 1/sqrt(d) and
+may accumulate in another order).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import AttentionBackend, AttentionMetadata
+from .torch import gather_kv, write_kv
+
+
+class SDPAAttention(AttentionBackend):
+    name = "sdpa"
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata):
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        decode_rows, decode_seqs = [], []
+        start = 0
+        for i, (qlen, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_list, strict=True)):
+            if qlen == 1:
+                decode_rows.append(start)
+                decode_seqs.append(i)
+            else:
+                keys = gather_kv(k_cache, meta.block_tables[i], ctx).transpose(0, 1)  # [heads, ctx, dim]
+                values = gather_kv(v_cache, meta.block_tables[i], ctx).transpose(0, 1)
+                query = q[start : start + qlen].transpose(0, 1)  # [heads, qlen, dim]
+                if qlen == ctx:
+                    o = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
+                else:  # new tokens after a cached prefix: query j sits at position ctx - qlen + j
+                    qpos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
+                    mask = torch.arange(ctx, device=q.device)[None, :] <= qpos
+                    o = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
+                out[start : start + qlen] = o.transpose(0, 1)
+            start += qlen
+        if decode_seqs:
+            out[decode_rows] = self._decode(q[decode_rows], k_cache, v_cache, meta, decode_seqs)
+        return out
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, seqs: list[int]) -> torch.Tensor:
+        """q: [n, heads, dim], one query per sequence -> [n, heads, dim]."""
+        block_size = k_cache.shape[1]
+        ctxs = [meta.context_lens_list[i] for i in seqs]
+        max_blocks = (max(ctxs) + block_size - 1) // block_size
+        tables = meta.block_tables[seqs][:, :max_blocks]  # [n, blocks]
+        keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [n, heads, blocks * block_size, dim]
+        values = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        lens = torch.tensor(ctxs, device=q.device)
+        mask = torch.arange(keys.shape[2], device=q.device)[None, :] < lens[:, None]  # [n, keys]
+        o = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask[:, None, None, :])
+        return o[:, :, 0, :]
