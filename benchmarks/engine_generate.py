@@ -66,32 +66,34 @@ print(f"{time.perf_counter() - start:.1f}")
 """
 
 
-def _write_checkpoint(folder: Path, shape: str) -> float:
+def _write_checkpoint(folder: Path, config: dict, small: bool) -> float:
     """In a child process, so the generated state dict never counts in this process's peak RSS; bf16
-    halves the disk for small / full (the engine converts on load)."""
-    dtype, shards = ("float32", 1) if shape == "tiny" else ("bfloat16", 4)
-    config = json.dumps(shape_config(shape))
-    cmd = [sys.executable, "-c", WRITER, str(folder), config, dtype, str(shards)]
+    halves the disk for the big shapes (the engine converts on load)."""
+    dtype, shards = ("float32", 1) if small else ("bfloat16", 4)
+    cmd = [sys.executable, "-c", WRITER, str(folder), json.dumps(config), dtype, str(shards)]
     done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
-    (folder / MARKER).write_text(json.dumps({"shape": shape, "config": shape_config(shape)}))
     return float(done.stdout.split()[-1])
 
 
-def ensure_checkpoint(folder: Path, shape: str) -> str:
+def ensure_checkpoint(folder: Path, shape: str, config: dict | None = None) -> str:
+    """A random checkpoint of `shape` (its config: `config`, else shape_config(shape)) in `folder`;
+    a folder already holding exactly this one is reused. Shared with engine_throughput.py."""
+    config = config or shape_config(shape)
     marker = folder / MARKER
     if marker.is_file() and (folder / "config.json").is_file():
         try:
             saved = json.loads(marker.read_text())
         except json.JSONDecodeError:
             saved = {}
-        if saved.get("shape") == shape and saved.get("config") == shape_config(shape):
+        if saved.get("shape") == shape and saved.get("config") == config:
             return f"reused {folder}"
     if folder.exists() and any(folder.iterdir()) and not marker.is_file():
         raise SystemExit(f"{folder} is not empty and holds no {MARKER}: not overwriting it")
     folder.mkdir(parents=True, exist_ok=True)
     for old in [*folder.glob("model*.safetensors*"), *folder.glob("pytorch_model*"), marker]:
         old.unlink(missing_ok=True)  # another shape's files: its shard index would shadow the new weights
-    seconds = _write_checkpoint(folder, shape)
+    seconds = _write_checkpoint(folder, config, small=shape in ("tiny", "reduced"))
+    marker.write_text(json.dumps({"shape": shape, "config": config}))
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     return f"wrote {folder} ({size / 2**30:.2f} GiB in {seconds:.1f} s)"
 
