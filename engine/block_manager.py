@@ -76,20 +76,24 @@ class BlockManager:
 
     # ---- allocation ------------------------------------------------------------------------
 
-    def missing(self, seq: Sequence) -> int:
-        """Free blocks `seq` would take so that all its tokens (the next step's included) have a slot."""
+    def _plan(self, seq: Sequence) -> tuple[list[int], int]:
+        """(cached blocks `seq` would start from, free blocks it would take) so that all its tokens
+        (the next step's included) have a slot."""
         matched = self._match(seq)
         reused_free = sum(1 for b in matched if self.ref_count[b] == 0)
         need = blocks_for(seq.num_tokens, self.block_size) - len(seq.block_table) - len(matched)
-        return max(0, need) + reused_free
+        return matched, max(0, need) + reused_free
+
+    def missing(self, seq: Sequence) -> int:
+        return self._plan(seq)[1]
 
     def can_allocate(self, seq: Sequence) -> bool:
         return self.missing(seq) <= self.num_free
 
     def allocate(self, seq: Sequence) -> None:
-        if self.missing(seq) > self.num_free:
-            raise RuntimeError(f"allocate: {self.missing(seq)} blocks needed, {self.num_free} free")
-        matched = self._match(seq)
+        matched, need = self._plan(seq)
+        if need > self.num_free:
+            raise RuntimeError(f"allocate: {need} blocks needed, {self.num_free} free")
         for block in matched:
             if self.ref_count[block] == 0:
                 del self.free_blocks[block]
