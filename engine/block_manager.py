@@ -74,6 +74,15 @@ class BlockManager:
             blocks.append(block)
         return blocks
 
+    def prefix_plan(self, seq: Sequence) -> tuple[int, list[bytes]]:
+        """(tokens `seq` would take from the prefix cache, keys of the full blocks it would compute
+        and register). The scheduler defers a request whose next block another one admitted in the
+        same step is computing: one step later that block is cached and it starts from there."""
+        if not self.prefix_caching or seq.block_table:
+            return 0, []
+        matched = len(self._match(seq))
+        return matched * self.block_size, self._keys(seq, seq.num_tokens // self.block_size)[matched:]
+
     # ---- allocation ------------------------------------------------------------------------
 
     def _plan(self, seq: Sequence) -> tuple[list[int], int]:

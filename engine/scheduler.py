@@ -2,9 +2,12 @@
 
 Every step runs all running sequences (one new token each) together with newly admitted ones (their
 whole prompt, or prompt + output so far after a preemption) in one packed batch. Admission is
-first-come first-served while the batch is under `max_batch_size`, the step's prefill tokens stay
-within `max_prefill_tokens` (a lone prompt may exceed it) and the block manager has the blocks. A
-finished sequence frees its blocks at once, so the next step admits a waiting one.
+first-come first-served while the batch is under `max_batch_size`, the step's prefill tokens (those
+not served by the prefix cache) stay within `max_prefill_tokens` (a lone prompt may exceed it) and
+the block manager has the blocks. A request whose next uncached block is being computed by one
+admitted in the same step (another question about the same image) waits one step and then starts
+from the cached block; later requests go ahead of it meanwhile. A finished sequence frees its
+blocks at once, so the next step admits a waiting one.
 
 Blocks are taken on demand. When a running sequence needs a block and none is free, the most
 recently admitted sequence is preempted: its blocks are freed and it goes back to the front of the
@@ -52,19 +55,25 @@ class Scheduler:
         for seq in preempted:  # preempted newest first: back to the front, the earliest admitted first
             self.waiting.appendleft(seq)
 
-        prefill_tokens = 0
+        prefill_tokens = 0  # tokens this step computes for new sequences (prefix-cache hits excluded)
+        computing: set[bytes] = set()  # block keys the sequences admitted in this step will register
+        deferred: list[Sequence] = []
         while not preempted and self.waiting and len(self.running) < self.max_batch_size:
-            seq = self.waiting[0]
-            tokens = seq.num_tokens
-            if prefill_tokens and prefill_tokens + tokens > self.max_prefill_tokens:
+            seq = self.waiting.popleft()
+            cached, keys = bm.prefix_plan(seq)
+            if keys and keys[0] in computing:  # same image / prompt head as one admitted now: wait a step
+                deferred.append(seq)
+                continue
+            tokens = seq.num_tokens - cached
+            if (prefill_tokens and prefill_tokens + tokens > self.max_prefill_tokens) or not bm.can_allocate(seq):
+                self.waiting.appendleft(seq)
                 break
-            if not bm.can_allocate(seq):
-                break
-            self.waiting.popleft()
             bm.allocate(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             prefill_tokens += tokens
+            computing.update(keys)
+        self.waiting.extendleft(reversed(deferred))  # they keep their place at the front
         if not self.running and self.waiting:
             seq = self.waiting[0]
             raise RuntimeError(
