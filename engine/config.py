@@ -42,7 +42,8 @@ class EngineConfig:
     max_prefill_tokens: int | None = None
     num_blocks: int | None = None
     kv_cache_memory_gb: float | None = None
-    memory_fraction: float = 0.9  # of the free device memory after the weights (the seed's NPU_MEMORY_FRACTION)
+    memory_fraction: float = 0.9  # of the device's memory the engine may use (the seed's NPU_MEMORY_FRACTION)
+    reserved_memory_gb: float = 0.0  # kept back from that (the seed's RESERVED_MEMORY_GB)
     image_cache_gb: float = 0.5  # vision features kept per distinct image (0 disables)
     enable_prefix_caching: bool = True  # reuse full KV blocks whose content (tokens, images) matches
     attention_backend: str | None = None
@@ -61,6 +62,8 @@ class EngineConfig:
         if self.image_cache_gb < 0:
             raise EngineError(f"image_cache_gb must be >= 0 (0 disables it), got {self.image_cache_gb!r}")
         if not 0 < self.memory_fraction <= 1:
-            raise EngineError(f"memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
+            raise EngineError(f"memory_fraction (NPU_MEMORY_FRACTION) must be in (0, 1], got {self.memory_fraction!r}")
+        if self.reserved_memory_gb < 0:
+            raise EngineError(f"reserved_memory_gb (RESERVED_MEMORY_GB) must be >= 0, got {self.reserved_memory_gb!r}")
         if self.max_prefill_tokens is None:
             self.max_prefill_tokens = max(self.max_model_len, 8192)

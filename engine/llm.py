@@ -13,14 +13,23 @@ then runs scheduler steps until every sequence has finished.
 from __future__ import annotations
 
 import logging
-import time
+import os
 from pathlib import Path
 
 import torch
 
 from .block_manager import BlockManager, blocks_for
 from .config import EngineConfig, resolve_dtype
-from .device import available_memory, resolve_device, synchronize
+from .device import (
+    MemoryInfo,
+    available_memory,
+    empty_cache,
+    memory_info,
+    now,
+    peak_memory,
+    reset_peak_memory,
+    resolve_device,
+)
 from .errors import EngineError
 from .image_cache import pixel_key
 from .model_runner import ModelRunner
@@ -47,8 +56,38 @@ def _default_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
-ACTIVATION_RESERVE = 2 << 30  # bytes kept free on an accelerator for activations (vision tower, logits)
+ACTIVATION_RESERVE = 2 << 30  # bytes kept free for activations on an accelerator sized without a warm-up
+DEFAULT_MEMORY_FRACTION = 0.9  # of the device's total memory the engine may use (weights, activations, KV)
 CPU_KV_SHARE = 0.5  # at most this share of the host's available memory goes to the KV cache on CPU
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def _env_knob(name: str, value: float | None, default: float) -> float:
+    """An explicit argument, else the seed's environment variable, else the default."""
+    if value is not None:
+        return value
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise EngineError(f"environment variable {name}={raw!r} is not a number") from None
+
+
+def kv_budget(info: MemoryInfo, peak: int, fraction: float, reserved_gb: float) -> tuple[float, str]:
+    """Bytes for the KV cache after a warm-up, the seed's formula: fraction x device memory - reserved
+    - the warm-up's peak (weights + activations) - memory used outside this process's allocator
+    (the driver context, other processes)."""
+    others = max(0, info.total - info.free - info.torch_reserved)
+    reserved = reserved_gb * (1 << 30)
+    budget = fraction * info.total - reserved - peak - others
+    why = (f"{fraction:.0%} of {_gib(info.total)} GiB device memory - {reserved_gb:g} GiB reserved - "
+           f"{_gib(peak)} GiB warm-up peak - {_gib(others)} GiB used outside torch")  # fmt: skip
+    return budget, why
 
 
 class LLM:
@@ -63,7 +102,9 @@ class LLM:
         max_prefill_tokens: int | None = None,
         num_blocks: int | None = None,
         kv_cache_memory_gb: float | None = None,
-        memory_fraction: float = 0.9,
+        memory_fraction: float | None = None,
+        reserved_memory_gb: float | None = None,
+        warmup: bool | None = None,
         image_cache_gb: float = 0.5,
         enable_prefix_caching: bool = True,
         attention_backend: str | None = None,
@@ -99,7 +140,8 @@ class LLM:
             max_prefill_tokens=max_prefill_tokens,
             num_blocks=num_blocks,
             kv_cache_memory_gb=kv_cache_memory_gb,
-            memory_fraction=memory_fraction,
+            memory_fraction=_env_knob("NPU_MEMORY_FRACTION", memory_fraction, DEFAULT_MEMORY_FRACTION),
+            reserved_memory_gb=_env_knob("RESERVED_MEMORY_GB", reserved_memory_gb, 0.0),
             image_cache_gb=image_cache_gb,
             enable_prefix_caching=enable_prefix_caching,
             attention_backend=attention_backend,
@@ -115,7 +157,7 @@ class LLM:
         load_weights(self.model, model_path, self.config.dtype, device, progress=progress)
         self.model.eval()
 
-        self.config.num_blocks = self._size_kv_cache()
+        self.config.num_blocks = self._size_kv_cache(warmup)
         self.block_manager = BlockManager(self.config.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_batch_size, self.config.max_prefill_tokens)
         self.runner = ModelRunner(self.model, self.block_manager, self.config.dtype, device, attention_backend,
@@ -123,21 +165,30 @@ class LLM:
         self.generator = torch.Generator().manual_seed(seed)  # for requests without their own seed
         self._next_id = 0
 
-    def _size_kv_cache(self) -> int:
+    def _size_kv_cache(self, warmup: bool | None) -> int:
+        """Blocks for the KV cache: num_blocks, or kv_cache_memory_gb, or what the device has left
+        after a warm-up step (accelerators), or a share of host memory (cpu); never more than a full
+        batch of max_model_len sequences needs."""
         c = self.config
         per_block = ModelRunner.kv_bytes_per_block(self.model_config, c.block_size, c.dtype)
         wanted = c.max_batch_size * blocks_for(c.max_model_len, c.block_size)
+        info = memory_info(c.device)
+        if warmup is None:
+            warmup = info is not None and c.num_blocks is None and c.kv_cache_memory_gb is None
+        peak = self._profile_run() if warmup else None
         if c.num_blocks is not None:
             num, why = c.num_blocks, "num_blocks"
         else:
             if c.kv_cache_memory_gb is not None:
                 budget, why = c.kv_cache_memory_gb * (1 << 30), "kv_cache_memory_gb"
-            elif c.device.startswith("cpu"):
+            elif info is None:
                 budget, why = available_memory(c.device) * CPU_KV_SHARE, f"{CPU_KV_SHARE:.0%} of available host memory"
+            elif peak is not None:
+                budget, why = kv_budget(memory_info(c.device), peak, c.memory_fraction, c.reserved_memory_gb)
             else:
-                free = available_memory(c.device)
-                budget = free * c.memory_fraction - ACTIVATION_RESERVE
-                why = f"{c.memory_fraction:.0%} of {free / 2**30:.1f} GiB free device memory minus activations"
+                budget = info.free * c.memory_fraction - c.reserved_memory_gb * (1 << 30) - ACTIVATION_RESERVE
+                why = (f"{c.memory_fraction:.0%} of {_gib(info.free)} GiB free device memory - {c.reserved_memory_gb:g} "
+                       f"GiB reserved - {_gib(ACTIVATION_RESERVE)} GiB for activations (no warm-up)")  # fmt: skip
             num = min(wanted, int(budget // per_block))
             if num == wanted:
                 why = f"a full batch: {c.max_batch_size} x max_model_len {c.max_model_len}; within {why}"
@@ -153,6 +204,47 @@ class LLM:
             num, c.block_size, num * c.block_size, num * per_block / 2**30, why,
         )  # fmt: skip
         return num
+
+    @torch.inference_mode()
+    def _profile_run(self) -> int | None:
+        """The seed's warm-up: one prefill step as large as the scheduler can build (max_prefill_tokens
+        tokens over up to max_batch_size sequences, each long enough starting with a blank 448x448
+        image, all images through the vision tower at once) on a throwaway KV cache. Returns the
+        device's peak bytes in use (weights + activations, the throwaway cache excluded); None on cpu."""
+        from PIL import Image
+
+        c, cfg = self.config, self.model_config
+        total = min(c.max_prefill_tokens, c.max_batch_size * c.max_model_len)
+        span = self.tokenizer.encode("<img>warm-up</img>")  # <img> + 256 slots + </img>
+        n = max(-(-total // c.max_model_len), min(c.max_batch_size, max(1, total // len(span))))
+        lengths = [total // n + (i < total % n) for i in range(n)]
+        blank = preprocess([Image.new("RGB", (cfg.visual.image_size,) * 2)], cfg.visual.image_size)[0]
+        filler = self.tokenizer.encode(" the")
+        seqs = []
+        for i, length in enumerate(lengths):
+            with_image = length >= len(span)
+            ids = (span if with_image else []) + filler * (length - (len(span) if with_image else 0))
+            seqs.append(Sequence(seq_id=-1 - i, prompt="", prompt_token_ids=ids, params=SamplingParams(max_tokens=1),
+                                 end_ids=set(), images=[blank] if with_image else [],
+                                 image_keys=[f"warm-up-{i}"] if with_image else [],
+                                 image_starts=[0] if with_image else []))  # fmt: skip
+        blocks = sum(blocks_for(length, c.block_size) for length in lengths)
+        reset_peak_memory(c.device)
+        bm = BlockManager(blocks, c.block_size, prefix_caching=False)
+        runner = ModelRunner(self.model, bm, c.dtype, c.device, c.attention_backend)
+        for seq in seqs:
+            bm.allocate(seq)
+        t0 = now(c.device)
+        runner.run(seqs)
+        elapsed = now(c.device) - t0
+        peak = peak_memory(c.device)
+        del runner, bm, seqs
+        empty_cache(c.device)
+        throwaway = blocks * ModelRunner.kv_bytes_per_block(cfg, c.block_size, c.dtype)
+        shown = "not measured on cpu" if peak is None else f"peak {_gib(peak - throwaway)} GiB (weights + activations)"
+        logger.info("warm-up: %d tokens in %d sequences, %d images, %.2f s; %s",
+                    total, n, sum(1 for x in lengths if x >= len(span)), elapsed, shown)  # fmt: skip
+        return None if peak is None else peak - throwaway
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -264,17 +356,16 @@ class LLM:
         seqs = self.scheduler.schedule()
         logits = self.runner.run(seqs)  # [seqs, vocab] fp32
         tokens = self._sample(seqs, logits)
-        synchronize(self.config.device)
-        now = time.perf_counter()
+        stamp = now(self.config.device)  # after the device finished the step: true TTFT / token times
         finished = []
         for seq, token, row in zip(seqs, tokens, logits, strict=True):
             if seq.first_token_time is None:
-                seq.first_token_time = now
+                seq.first_token_time = stamp
             if seq.logprobs is not None:
                 seq.logprobs.append(top_logprobs(row, token, seq.params.logprobs))
             seq.output_token_ids.append(token)
             if self._check_finished(seq):
-                seq.finish_time = now
+                seq.finish_time = stamp
                 self.scheduler.finish(seq)
                 finished.append(seq)
         return finished

@@ -20,14 +20,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="output", help="where results/ and debug/ go (default: ./output)")
     p.add_argument("--model_path", help="override model_path from the model config")
     p.add_argument("--dataset_path", help="override local_dataset_path from the task config")
+    p.add_argument("--image_list", help="coco_caption: a file of image names (one a line) to caption, "
+                   "relative to the image folder")  # fmt: skip
+    p.add_argument("--annotations_path", help="coco_caption: COCO caption annotations (captions_val2014.json) "
+                   "to score with BLEU-4, METEOR, ROUGE-L and CIDEr")  # fmt: skip
     p.add_argument("--batch_size", type=int, default=1, help="requests per backend call (default 1)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    p.add_argument("--limit", type=int, help="evaluate only N samples (textvqa: the first N; coco_caption: "
+                   "N drawn at random with --seed)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="the random draw of --limit samples, where a task draws (default 0)")
     p.add_argument("--backend", choices=["engine", "hf"], help="override the model config's backend")
     p.add_argument("--device", help="cpu, cuda[:i] or npu[:i] (default: npu, else cuda, else cpu)")
     p.add_argument("--tp", type=int, default=int(os.environ.get("WORLD_SIZE", "1")), help="tensor-parallel size")
     p.add_argument("--predictions", help="score-only mode: JSONL or JSON list of {question_id, answer}")
     p.add_argument("--save_debug_enable", action="store_true", help="also write the seed's outputs_<time>.txt")
-    p.add_argument("--overwrite", action="store_true", help="discard samples from an earlier run in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="discard samples from an earlier run in "
+                   "output_dir (and replace coco_caption's <device>_coco_rst.json)")  # fmt: skip
     p.add_argument("--max_error_rate", type=float, default=0.0,
                    help="exit 3 when more than this fraction of samples failed (default 0)")  # fmt: skip
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -45,6 +52,10 @@ def run_cli(argv: list[str] | None = None) -> int:
     task_cfg = load_task_config(args.task_config_path)
     if args.dataset_path:
         task_cfg.local_dataset_path = args.dataset_path
+    if args.image_list:
+        task_cfg.image_list = args.image_list
+    if args.annotations_path:
+        task_cfg.annotations_path = args.annotations_path
     model_cfg = None
     if args.model_config_path:
         model_cfg = load_model_config(args.model_config_path)
@@ -59,6 +70,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         tp=args.tp,
         limit=args.limit,
+        seed=args.seed,
         predictions=args.predictions,
         save_debug=args.save_debug_enable,
         overwrite=args.overwrite,

@@ -71,7 +71,8 @@ class ModelConfig:
 
 @dataclass
 class MetricConfig:
-    metric_type: Literal["vqa_accuracy", "exact_match", "acc"] = "vqa_accuracy"
+    # None: the task's own (textvqa: vqa_accuracy, coco_caption: non_empty); the task fills it in
+    metric_type: Literal["vqa_accuracy", "exact_match", "non_empty", "acc"] | None = None
     normalizer: Literal["evalai", "official"] = "evalai"
 
     def __post_init__(self):
@@ -90,6 +91,8 @@ class TaskConfig:
     task_name: str
     task_type: Literal["precision", "performance"] = "precision"
     local_dataset_path: str | None = None
+    image_list: str | None = None  # coco_caption: image names, one a line, relative to the image folder
+    annotations_path: str | None = None  # coco_caption: captions_val2014.json-style references (scoring only)
     hf_dataset_path: str | None = None
     om_dataset_path: str | None = None
     prompt: str | None = None

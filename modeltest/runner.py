@@ -36,6 +36,7 @@ class RunOptions:
     batch_size: int = 1
     tp: int = 1
     limit: int | None = None
+    seed: int = 0  # how a task that samples --limit draws them (coco_caption); the same seed, the same sample
     predictions: str | None = None
     save_debug: bool = False
     overwrite: bool = False
@@ -72,7 +73,7 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
         predictions = load_predictions(opts.predictions)
         samples = _select_predicted(samples, predictions, opts.predictions)
         backend = PredictionsBackend({str(s.id): predictions[str(s.id)] for s in samples})
-    samples = samples[: opts.limit] if opts.limit else samples
+    samples = task.select(samples, opts.limit, opts.seed)
 
     backend_name = "predictions" if predictions is not None else (opts.backend or (model_cfg.backend if model_cfg else None))
     if backend_name is None:
@@ -88,9 +89,11 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
     defaults = model_cfg or ModelConfig(model_name=PREDICTIONS_MODEL_NAME)
     paths = run_paths(opts.output_dir, family, task_cfg.task_type, task_cfg.task_name, defaults.data_type,
                       model_name, defaults.model_type, opts.batch_size, opts.tp)  # fmt: skip
+    task_fingerprint = to_dict(task_cfg)
+    task_fingerprint.pop("annotations_path")  # references only score; the samples do not depend on them
     fingerprint = {
         "model": to_dict(model_cfg) if model_cfg and predictions is None else None,
-        "task": to_dict(task_cfg),
+        "task": task_fingerprint,
         "backend": backend_name,
         "device": family,
         "max_new_tokens": task.max_new_tokens,
@@ -98,6 +101,8 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
     }
     rank0 = int(os.environ.get("RANK", "0")) == 0
     done = _resume(paths, fingerprint, opts.overwrite) if rank0 else {}
+    if rank0:
+        task.check_outputs(paths, family, done, opts.overwrite)
     todo = [s for s in samples if s.id not in done]
 
     load_time = 0.0
@@ -124,7 +129,7 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
         "samples_per_s": len(todo) / infer_time if infer_time > 0 else None,
         "resumed_samples": len(samples) - len(todo),
     }
-    return _finish(task, ordered, paths, opts, fingerprint, timings, device, model_name)
+    return _finish(task, ordered, paths, opts, fingerprint, timings, device, family, model_name)
 
 
 def _select_predicted(samples: list[Sample], predictions: dict, path: str) -> list[Sample]:
@@ -241,6 +246,7 @@ def _record(task: Task, sample: Sample, gen: Generation) -> dict:
         "input_tokens": gen.input_tokens,
         "output_tokens": gen.output_tokens,
         "e2e_time": gen.e2e_time,
+        **task.record_fields(prediction),
     }
 
 
@@ -287,20 +293,23 @@ def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, rank0
 
 
 def _finish(task: Task, records: list[dict], paths: RunPaths, opts: RunOptions, fingerprint: dict,
-            timings: dict, device: str, model_name: str) -> RunResult:  # fmt: skip
+            timings: dict, device: str, family: str, model_name: str) -> RunResult:  # fmt: skip
     cfg = task.config
     metric = task.metric
     shots = cfg.shots
+    extra_paths = task.write_outputs(records, paths, family)  # first: a scorer that fails loses no output
     scores = [r["score"] for r in records]
     value = metric.aggregate(scores)
     rows = [[cfg.task_name, shots, len(records), sum(scores), metric.name, value]]
+    corpus = task.corpus_metrics(records)
+    rows += [[cfg.task_name, shots, total, None, name, v] for name, total, v in corpus]  # Pass: not a count
     for subject in dict.fromkeys(r["subject"] for r in records):
         sub = [r["score"] for r in records if r["subject"] == subject]
         rows.append([subject, shots, len(sub), sum(sub), metric.name, metric.aggregate(sub)])
     errors = sum(1 for r in records if r["error"] is not None)
     error_rate = errors / len(records) if records else 0.0
     failed = error_rate > opts.max_error_rate
-    csv_rows = [[r[0], r[1], r[2], round(r[3], 6), r[4], round(r[5], 6)] for r in rows]
+    csv_rows = [[r[0], r[1], r[2], None if r[3] is None else round(r[3], 6), r[4], round(r[5], 6)] for r in rows]
     write_csv(paths.result_csv, csv_rows)
     summary = {
         "task": cfg.task_name,
@@ -308,6 +317,7 @@ def _finish(task: Task, records: list[dict], paths: RunPaths, opts: RunOptions, 
         "metric": metric.name,
         "normalizer": cfg.metric.normalizer,
         "value": value,
+        "corpus_metrics": {name: v for name, _, v in corpus},
         "total": len(records),
         "pass": sum(scores),
         "errors": errors,
@@ -322,15 +332,16 @@ def _finish(task: Task, records: list[dict], paths: RunPaths, opts: RunOptions, 
         "versions": _versions(),
         "git_commit": _git_commit(),
         "finished_at": datetime.now().isoformat(timespec="seconds"),
-        "paths": {"csv": str(paths.result_csv), "samples": str(paths.samples)},
-    }
+        "paths": {"csv": str(paths.result_csv), "samples": str(paths.samples),
+                  **{k: str(p) for k, p in extra_paths.items()}},
+    }  # fmt: skip
     write_json(paths.result_json, summary)
-    _print_table(csv_rows, errors, failed, paths)
+    _print_table(csv_rows, errors, failed, paths, extra_paths)
     code = EXIT_TOO_MANY_ERRORS if failed else 0
     return RunResult(rows, value, len(records), errors, paths, code, summary)
 
 
-def _print_table(rows, errors: int, failed: bool, paths: RunPaths) -> None:
+def _print_table(rows, errors: int, failed: bool, paths: RunPaths, extra_paths: dict) -> None:
     from tabulate import tabulate
     from termcolor import colored
 
@@ -339,6 +350,8 @@ def _print_table(rows, errors: int, failed: bool, paths: RunPaths) -> None:
     print(tabulate(shown, headers=CSV_COLUMNS, tablefmt="github"))
     status = colored(f"errors: {errors}", "red" if errors else "green")
     print(f"{status}\nresults: {paths.result_csv}\nsamples: {paths.samples}")
+    for label, path in extra_paths.items():
+        print(f"{label}: {path}")
 
 
 def _versions() -> dict:

@@ -433,3 +433,68 @@ def test_max_model_len_limits(qwen_vl_ckpt):
 def test_missing_model_folder(tmp_path):
     with pytest.raises(EngineError, match="model folder not found"):
         LLM(tmp_path / "nowhere", device="cpu")
+
+
+# ---- KV sizing after a warm-up (accelerators), the seed's NPU_MEMORY_FRACTION / RESERVED_MEMORY_GB ----
+
+
+def test_kv_budget_is_the_seeds_formula():
+    from engine.device import MemoryInfo
+    from engine.llm import kv_budget
+
+    gib = 2**30
+    # 80 GiB device, 60 free; torch holds 18 (weights + cache), so 2 are the driver context / others
+    info = MemoryInfo(free=60 * gib, total=80 * gib, torch_reserved=18 * gib)
+    budget, why = kv_budget(info, peak=20 * gib, fraction=0.9, reserved_gb=3)
+    assert budget == 0.9 * 80 * gib - 3 * gib - 20 * gib - 2 * gib
+    assert "90% of 80.00 GiB" in why and "3 GiB reserved" in why and "20.00 GiB warm-up peak" in why
+
+
+def test_warm_up_sizes_the_cache_from_device_memory(qwen_vl_ckpt, monkeypatch, caplog):
+    """An accelerator, simulated on cpu: the engine runs its warm-up step (the largest prefill batch,
+    images through the vision tower) and sizes the cache from what the device has left."""
+    import engine.llm as llm_mod
+    from engine.device import MemoryInfo
+
+    gib, mib = 2**30, 2**20
+    info = MemoryInfo(free=int(1.5 * gib), total=2 * gib, torch_reserved=400 * mib)
+    monkeypatch.setattr(llm_mod, "memory_info", lambda device: info)
+    monkeypatch.setattr(llm_mod, "peak_memory", lambda device: 1 * gib)  # throwaway cache included
+    monkeypatch.setenv("NPU_MEMORY_FRACTION", "0.8")
+    monkeypatch.setenv("RESERVED_MEMORY_GB", "0.25")
+    runs = []
+    real_run = llm_mod.ModelRunner.run
+    monkeypatch.setattr(llm_mod.ModelRunner, "run", lambda self, seqs, all_rows=False: runs.append(
+        [(s.num_tokens, len(s.images)) for s in seqs]) or real_run(self, seqs, all_rows))  # fmt: skip
+    encoded = []
+    from engine.models.qwen_vl.language import QwenVLForCausalLM
+
+    model_encode = QwenVLForCausalLM.encode_images
+    monkeypatch.setattr(QwenVLForCausalLM, "encode_images", lambda self, px: encoded.append(len(px)) or model_encode(self, px))
+    with caplog.at_level("INFO", logger="engine"):
+        llm = load(qwen_vl_ckpt, num_blocks=None, max_batch_size=4, max_model_len=512, max_prefill_tokens=1100)
+    assert runs == [[(275, 1)] * 4]  # 1100 tokens in 4 sequences, each with a blank image
+    assert encoded == [4]  # all warm-up images in one vision-tower batch
+    per_block = bytes_per_block(tiny_config(), 16, 4)
+    throwaway = 4 * math.ceil(275 / 16) * per_block
+    others = info.total - info.free - info.torch_reserved
+    expected = int((0.8 * info.total - 0.25 * gib - (gib - throwaway) - others) // per_block)
+    assert llm.config.memory_fraction == 0.8 and llm.config.reserved_memory_gb == 0.25
+    assert llm.config.num_blocks == min(expected, 4 * 32)
+    assert "warm-up: 1100 tokens in 4 sequences, 4 images" in caplog.text
+    assert llm.runner.image_cache.misses == 0 and llm.block_manager.hit_tokens == 0  # nothing left behind
+    out = llm.generate("Hello", SamplingParams(max_tokens=3), use_tqdm=False)[0]
+    assert len(out.token_ids) == 3
+
+
+def test_memory_knobs_are_checked(qwen_vl_ckpt, monkeypatch):
+    monkeypatch.setenv("NPU_MEMORY_FRACTION", "most")
+    with pytest.raises(EngineError, match=r"NPU_MEMORY_FRACTION='most' is not a number"):
+        load(qwen_vl_ckpt)
+    monkeypatch.setenv("NPU_MEMORY_FRACTION", "1.5")
+    with pytest.raises(EngineError, match=r"memory_fraction \(NPU_MEMORY_FRACTION\) must be in \(0, 1\]"):
+        load(qwen_vl_ckpt)
+    assert load(qwen_vl_ckpt, memory_fraction=0.5).config.memory_fraction == 0.5  # the argument wins
+    monkeypatch.delenv("NPU_MEMORY_FRACTION")
+    with pytest.raises(EngineError, match=r"reserved_memory_gb \(RESERVED_MEMORY_GB\) must be >= 0"):
+        load(qwen_vl_ckpt, reserved_memory_gb=-1)

@@ -2,7 +2,9 @@
 
 A request is a list of parts, each {"image": path or PIL.Image} or {"text": str}, in order. Each
 backend renders the parts the way its model expects and reports the rendered model input back in
-`Generation.prompt`. A failure that belongs to one request (an unreadable image) is returned in that
+`Generation.prompt`. `Request.list_format` asks a raw-query backend (engine) for Qwen-VL's
+`from_list_format` rendering (`Picture 1: <img>path</img>\n` before the text); a chat-template backend
+(hf) places the image its own way and ignores it. A failure that belongs to one request (an unreadable image) is returned in that
 request's `Generation.error`; an exception from `generate` is isolated by the runner.
 """
 
@@ -23,6 +25,7 @@ class Request:
     parts: list[dict]
     max_new_tokens: int
     min_new_tokens: int = 0
+    list_format: bool = False  # Qwen-VL `from_list_format` ("Picture n: <img>..</img>\n") for raw prompts
 
     @property
     def images(self) -> list:
@@ -88,14 +91,18 @@ def open_image(image):
         raise SampleError(f"image unreadable: {path}: {e}") from None
 
 
-def render_qwen_prompt(parts: list[dict]) -> str:
-    """Qwen-VL's raw query format: images as <img>path</img> spans, text as is."""
+def render_qwen_prompt(parts: list[dict], list_format: bool = False) -> str:
+    """Qwen-VL's raw query format: images as <img>path</img> spans, text as is. With `list_format`,
+    the original `from_list_format`: each image as `Picture {n}: <img>path</img>\n`."""
     out = []
+    n = 0
     for p in parts:
         if "image" in p:
             img = p["image"]
             name = img if isinstance(img, (str, os.PathLike)) else (img.get("path") if isinstance(img, dict) else None)
-            out.append(f"<img>{name or '<in-memory image>'}</img>")
+            n += 1
+            span = f"<img>{name or '<in-memory image>'}</img>"
+            out.append(f"Picture {n}: {span}\n" if list_format else span)
         else:
             out.append(p["text"])
     return "".join(out)

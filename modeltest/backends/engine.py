@@ -2,7 +2,9 @@
 from its original checkpoint files.
 
 Each request is rendered in Qwen-VL's raw query format (`<img>path</img>question Answer:`, the
-format of Qwen-VL's own evaluate_vqa.py); its images are opened here (paths, PIL images or
+format of Qwen-VL's own evaluate_vqa.py), or with `Request.list_format` as the original
+`from_list_format` renders it (`Picture 1: <img>path</img>\ntext`, the seed's caption runs); its
+images are opened here (paths, PIL images or
 `datasets` cells) and handed to the engine with the prompt, so an unreadable image fails only its
 sample. A whole batch goes to `LLM.generate` at once and the engine schedules it. Greedy.
 """
@@ -55,7 +57,7 @@ class EngineBackend(Backend):
                 label = _label(part["image"])
                 part = {"image": label}
             labeled.append(part)
-        return {"prompt": render_qwen_prompt(labeled), "multi_modal_data": {"image": images}}
+        return {"prompt": render_qwen_prompt(labeled, request.list_format), "multi_modal_data": {"image": images}}
 
     def generate(self, requests: list[Request], on_result=None) -> list[Generation]:
         from engine import SamplingParams

@@ -59,6 +59,8 @@ class HFBackend(Backend):
         self.stop_ids = {i for i in eos + [self.tokenizer.pad_token_id] if i is not None}
 
     def _render(self, request: Request) -> tuple[str, list]:
+        # Request.list_format (Qwen-VL's "Picture n: <img>path</img>" labels) is for raw-query models;
+        # here the chat template places each image, followed by the text as is.
         content, images = [], []
         for part in request.parts:
             if "image" in part:

@@ -1,7 +1,8 @@
 """Metric registry: a metric is a per-sample function plus an aggregation, registered by name.
 
 `get_metric(name, normalizer)` returns a `Metric` whose `score(prediction, references)` gives one
-sample's score in [0, 1] and whose `aggregate(scores)` gives the corpus value.
+sample's score in [0, 1] and whose `aggregate(scores)` gives the corpus value. Corpus metrics that
+need every prediction at once (BLEU, CIDEr, ...) are a task's aggregation (`Task.corpus_metrics`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from ..errors import unknown_name
-from . import vqa
+from . import caption, vqa
 
 
 def mean(scores: Sequence[float]) -> float:
@@ -31,6 +32,7 @@ _VQA = {"evalai": vqa.vqa_accuracy_evalai, "official": vqa.vqa_accuracy_official
 _METRICS: dict[str, Callable[[str], Metric]] = {
     "vqa_accuracy": lambda norm: Metric("vqa_accuracy", _VQA[norm]),
     "exact_match": lambda norm: Metric("exact_match", partial(vqa.exact_match, normalizer=norm)),
+    "non_empty": lambda norm: Metric("non_empty", caption.non_empty),
 }
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from ..errors import unknown_name
 from .base import Sample, Task
+from .coco_caption import CocoCaption
 from .textvqa import TextVQA
 
-TASKS: dict[str, type[Task]] = {"textvqa": TextVQA}
+TASKS: dict[str, type[Task]] = {"textvqa": TextVQA, "coco_caption": CocoCaption}
 
 
 def get_task(name: str) -> type[Task]:
@@ -15,4 +16,4 @@ def get_task(name: str) -> type[Task]:
     return TASKS[name]
 
 
-__all__ = ["TASKS", "Sample", "Task", "TextVQA", "get_task"]
+__all__ = ["TASKS", "CocoCaption", "Sample", "Task", "TextVQA", "get_task"]

@@ -24,6 +24,8 @@ ANNOTATIONS_SUFFIX = "_annotations.json"
 class TextVQA(Task):
     name = "textvqa"
     default_max_new_tokens = 10
+    default_metric = "vqa_accuracy"
+    metric_types = ("vqa_accuracy", "exact_match")
 
     def question_text(self, question: str) -> str:
         mm = self.model.mm_model if self.model else None
