@@ -3,9 +3,10 @@
 A request is a list of parts, each {"image": path or PIL.Image} or {"text": str}, in order. Each
 backend renders the parts the way its model expects and reports the rendered model input back in
 `Generation.prompt`. `Request.list_format` asks a raw-query backend (engine) for Qwen-VL's
-`from_list_format` rendering (`Picture 1: <img>path</img>\n` before the text); a chat-template backend
-(hf) places the image its own way and ignores it. A failure that belongs to one request (an unreadable image) is returned in that
-request's `Generation.error`; an exception from `generate` is isolated by the runner.
+`from_list_format` rendering (`Picture 1: <img>path</img>\\n` before the text); a chat-template
+backend (hf) places the image its own way and ignores it. A failure that belongs to one request (an
+unreadable image) is returned in that request's `Generation.error`; an exception from `generate` is
+isolated by the runner.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def open_image(image):
 
 def render_qwen_prompt(parts: list[dict], list_format: bool = False) -> str:
     """Qwen-VL's raw query format: images as <img>path</img> spans, text as is. With `list_format`,
-    the original `from_list_format`: each image as `Picture {n}: <img>path</img>\n`."""
+    the original `from_list_format`: each image as `Picture {n}: <img>path</img>\\n`."""
     out = []
     n = 0
     for p in parts:

@@ -3,10 +3,10 @@ from its original checkpoint files.
 
 Each request is rendered in Qwen-VL's raw query format (`<img>path</img>question Answer:`, the
 format of Qwen-VL's own evaluate_vqa.py), or with `Request.list_format` as the original
-`from_list_format` renders it (`Picture 1: <img>path</img>\ntext`, the seed's caption runs); its
-images are opened here (paths, PIL images or
-`datasets` cells) and handed to the engine with the prompt, so an unreadable image fails only its
-sample. A whole batch goes to `LLM.generate` at once and the engine schedules it. Greedy.
+`from_list_format` renders it (`Picture 1: <img>path</img>\\ntext`, the seed's caption runs); its
+images are opened here (paths, PIL images or `datasets` cells) and handed to the engine with the
+prompt, so an unreadable image fails only its sample. A whole batch goes to `LLM.generate` at once
+and the engine schedules it. Greedy.
 """
 
 from __future__ import annotations
