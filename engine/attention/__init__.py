@@ -1,5 +1,5 @@
 """One attention interface over the paged KV cache; backends: torch (the reference, runs everywhere),
-and device kernels behind the same interface.
+sdpa, cuda (flash-attn / Triton) and npu (torch_npu) behind the same interface.
 
 A step's tokens from several sequences are packed into one [tokens, heads, head_dim] tensor. Each
 sequence contributes `query_lens[i]` new tokens at the end of its `context_lens[i]` cached tokens
@@ -46,16 +46,31 @@ class AttentionBackend(ABC):
         """Store k/v at their slots, then causal attention of q over each sequence's cached K/V."""
 
 
-BACKENDS = ("torch", "sdpa")
+BACKENDS = ("torch", "sdpa", "cuda", "npu")
+
+
+def default_backend(device: str) -> str:
+    """npu on Ascend; on CUDA the Triton paged-decode backend when triton imports, else sdpa; the
+    torch reference on cpu."""
+    kind = device.split(":")[0]
+    if kind == "npu":
+        return "npu"
+    if kind == "cuda":
+        try:
+            import triton  # noqa: F401
+        except Exception:
+            return "sdpa"
+        return "cuda"
+    return "torch"
 
 
 def get_attention_backend(device: str, name: str | None = None) -> AttentionBackend:
-    """The attention backend for a device: `name` if given (torch = the reference, sdpa = torch's
-    fused scaled_dot_product_attention), else sdpa on CUDA and the torch reference elsewhere."""
+    """The attention backend `name` (torch = the reference, sdpa = torch's fused
+    scaled_dot_product_attention, cuda = flash-attn / SDPA prefill + Triton paged decode, npu =
+    torch_npu's fused inference attention), or the device's default."""
     from ..errors import EngineError
 
-    if name is None:
-        name = "sdpa" if device.startswith("cuda") else "torch"
+    name = name or default_backend(device)
     if name == "torch":
         from .torch import TorchAttention
 
@@ -64,4 +79,12 @@ def get_attention_backend(device: str, name: str | None = None) -> AttentionBack
         from .sdpa import SDPAAttention
 
         return SDPAAttention()
+    if name == "cuda":
+        from .cuda import CudaAttention
+
+        return CudaAttention()
+    if name == "npu":
+        from .npu import NPUAttention
+
+        return NPUAttention()
     raise EngineError(f"unknown attention backend {name!r}; available: {', '.join(BACKENDS)}")

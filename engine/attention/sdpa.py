@@ -23,6 +23,7 @@ class SDPAAttention(AttentionBackend):
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
+        prefills: list[tuple[int, int, int, int]] = []  # (sequence, first packed row, query len, context len)
         decode_rows, decode_seqs = [], []
         start = 0
         for i, (qlen, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_list, strict=True)):
@@ -30,23 +31,29 @@ class SDPAAttention(AttentionBackend):
                 decode_rows.append(start)
                 decode_seqs.append(i)
             else:
-                keys = gather_kv(k_cache, meta.block_tables[i], ctx).transpose(0, 1)  # [heads, ctx, dim]
-                values = gather_kv(v_cache, meta.block_tables[i], ctx).transpose(0, 1)
-                query = q[start : start + qlen].transpose(0, 1)  # [heads, qlen, dim]
-                if qlen == ctx:
-                    o = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
-                else:  # new tokens after a cached prefix: query j sits at position ctx - qlen + j
-                    qpos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
-                    mask = torch.arange(ctx, device=q.device)[None, :] <= qpos
-                    o = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
-                out[start : start + qlen] = o.transpose(0, 1)
+                prefills.append((i, start, qlen, ctx))
             start += qlen
+        if prefills:
+            self._prefill(q, out, k_cache, v_cache, meta, prefills)
         if decode_seqs:
             out[decode_rows] = self._decode(q[decode_rows], k_cache, v_cache, meta, decode_seqs)
         return out
 
-    @staticmethod
-    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, seqs: list[int]) -> torch.Tensor:
+    def _prefill(self, q, out, k_cache, v_cache, meta: AttentionMetadata, prefills) -> None:
+        """One SDPA call per prefilling sequence over its K/V gathered from the cache."""
+        for i, start, qlen, ctx in prefills:
+            keys = gather_kv(k_cache, meta.block_tables[i], ctx).transpose(0, 1)  # [heads, ctx, dim]
+            values = gather_kv(v_cache, meta.block_tables[i], ctx).transpose(0, 1)
+            query = q[start : start + qlen].transpose(0, 1)  # [heads, qlen, dim]
+            if qlen == ctx:
+                o = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
+            else:  # new tokens after a cached prefix: query j sits at position ctx - qlen + j
+                qpos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
+                mask = torch.arange(ctx, device=q.device)[None, :] <= qpos
+                o = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
+            out[start : start + qlen] = o.transpose(0, 1)
+
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, seqs: list[int]) -> torch.Tensor:
         """q: [n, heads, dim], one query per sequence -> [n, heads, dim]."""
         block_size = k_cache.shape[1]
         ctxs = [meta.context_lens_list[i] for i in seqs]
