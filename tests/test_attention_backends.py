@@ -215,3 +215,15 @@ def test_triton_paged_decode_kernel_in_the_interpreter():
                           cwd=Path(__file__).parent.parent)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "triton paged decode OK" in proc.stdout
+
+
+def test_cuda_backend_falls_back_to_sdpa_decode_when_the_kernel_fails(caplog):
+    from engine.attention.cuda import CudaAttention
+
+    def broken(*args):
+        raise RuntimeError("no kernel image for this GPU")
+
+    backend = CudaAttention(flash_attn_varlen=None, paged_decode=broken)
+    with caplog.at_level("WARNING", logger="engine"):
+        _check_against_reference(backend)
+    assert backend.paged_decode is None and "Triton paged decode failed (RuntimeError" in caplog.text

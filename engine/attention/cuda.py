@@ -11,6 +11,8 @@ prefix-cache case.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from . import AttentionMetadata
@@ -56,5 +58,14 @@ class CudaAttention(SDPAAttention):
         out[rows] = self.flash(query, keys, values, cu_q, cu_k, max_q, max_k, causal=True)
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, seqs: list[int]) -> torch.Tensor:
-        index = torch.tensor(seqs, device=q.device)
-        return self.paged_decode(q.contiguous(), k_cache, v_cache, meta.block_tables[index], meta.context_lens[index])
+        if self.paged_decode is not None:
+            index = torch.tensor(seqs, device=q.device)
+            try:
+                return self.paged_decode(q.contiguous(), k_cache, v_cache, meta.block_tables[index],
+                                         meta.context_lens[index])  # fmt: skip
+            except Exception as e:  # a Triton that cannot compile for this GPU: say so, keep running
+                logging.getLogger("engine").warning(
+                    "Triton paged decode failed (%s: %s); decoding with SDPA from now on", type(e).__name__, e
+                )
+                self.paged_decode = None
+        return super()._decode(q, k_cache, v_cache, meta, seqs)
