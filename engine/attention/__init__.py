@@ -30,6 +30,21 @@ class AttentionMetadata:
         return any(q > 1 for q in self.query_lens)
 
 
+def split_step(meta: AttentionMetadata) -> tuple[list[tuple[int, int, int, int]], list[int], list[int]]:
+    """The step's prefilling sequences as (sequence, first packed row, query len, context len), and
+    its decoding ones as (packed rows, sequences): kernels take the two kinds separately."""
+    prefills, decode_rows, decode_seqs = [], [], []
+    start = 0
+    for i, (qlen, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_list, strict=True)):
+        if qlen == 1:
+            decode_rows.append(start)
+            decode_seqs.append(i)
+        else:
+            prefills.append((i, start, qlen, ctx))
+        start += qlen
+    return prefills, decode_rows, decode_seqs
+
+
 class AttentionBackend(ABC):
     name = "attention"
 

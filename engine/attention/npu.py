@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import AttentionBackend, AttentionMetadata
+from . import AttentionBackend, AttentionMetadata, split_step
 from .torch import gather_kv, write_kv
 
 CAUSAL_MASK_SIZE = 2048  # sparse_mode 2/3/4 take this optimized mask
@@ -84,15 +84,7 @@ class NPUAttention(AttentionBackend):
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
-        prefills, decode_rows, decode_seqs = [], [], []
-        start = 0
-        for i, (qlen, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_list, strict=True)):
-            if qlen == 1:
-                decode_rows.append(start)
-                decode_seqs.append(i)
-            else:
-                prefills.append((i, start, qlen, ctx))
-            start += qlen
+        prefills, decode_rows, decode_seqs = split_step(meta)
         if prefills:
             if self._mask is None or self._mask.device != q.device:
                 self._mask = causal_mask(q.device)

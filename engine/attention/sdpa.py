@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import AttentionBackend, AttentionMetadata
+from . import AttentionBackend, AttentionMetadata, split_step
 from .torch import gather_kv, write_kv
 
 
@@ -23,16 +23,7 @@ class SDPAAttention(AttentionBackend):
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
-        prefills: list[tuple[int, int, int, int]] = []  # (sequence, first packed row, query len, context len)
-        decode_rows, decode_seqs = [], []
-        start = 0
-        for i, (qlen, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_list, strict=True)):
-            if qlen == 1:
-                decode_rows.append(start)
-                decode_seqs.append(i)
-            else:
-                prefills.append((i, start, qlen, ctx))
-            start += qlen
+        prefills, decode_rows, decode_seqs = split_step(meta)
         if prefills:
             self._prefill(q, out, k_cache, v_cache, meta, prefills)
         if decode_seqs:
