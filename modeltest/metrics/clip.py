@@ -1,0 +1,434 @@
+"""CLIP score of captions against their images, batched, with open_clip's model, preprocessing and tokenizer.
+
+Per image: the cosine similarity of the image and caption embeddings, exactly as the seed computes it
+(MindIE-LLM `clip_score_qwenvl.py`: `F.cosine_similarity(encode_image(img).float(),
+encode_text(tok([caption])).float())`, no x100, no clamp, no logit scale). CLIP-S is Hessel et al. 2021's
+rescaling, 2.5 * max(cos, 0) (jmhessel/clipscore). Reference-vs-candidate comparisons use a paired
+bootstrap over images with a fixed seed, so the same two files always give the same interval.
+
+Images are decoded and preprocessed in a thread pool a few batches ahead of the model (PIL releases the
+GIL while it decodes and resizes), so the accelerator is not left waiting on PIL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelTestError, closest
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+CLIP_S_WEIGHT = 2.5  # Hessel et al. 2021, section 3
+SEED_MODEL = "ViT-H-14"  # the seed's model; its weights are open_clip's laion2b_s32b_b79k
+SEED_WEIGHTS = "open_clip_pytorch_model.bin"
+_PREFETCH_BATCHES = 2  # batches decoded ahead of the one on the accelerator
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+_SHOWN_KEYS = 5
+
+
+def clip_s(cos: np.ndarray | Sequence[float]) -> np.ndarray:
+    """CLIP-S per pair: 2.5 * max(cos, 0)."""
+    return CLIP_S_WEIGHT * np.maximum(np.asarray(cos, dtype=np.float64), 0.0)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- weights
+
+
+def load_weights_file(path: str | Path) -> dict:
+    """A state dict from `.safetensors`, or from a torch file read with weights_only=True (memory-mapped
+    when the file is in torch's zip format). Unwraps {"state_dict": ...} and a DataParallel "module."
+    prefix, as open_clip's own loader does."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelTestError(
+            f"{path}: weights file not found; pass --model_weights_path (the seed uses {SEED_MODEL}'s "
+            f"laion2b_s32b_b79k {SEED_WEIGHTS})"
+        )
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:  # unpickling, truncated files and safetensors header errors have many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = " (weights_only=True refuses pickled objects; save a plain state dict or safetensors)"
+        raise ModelTestError(
+            f"{path}: cannot read weights: {first}{hint if 'weights_only' in str(e) else ''}"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(v, torch.Tensor) for v in state.values())
+    ):
+        raise ModelTestError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def _adapt_state_dict(model, state: dict) -> dict:
+    """The key renames open_clip's load_checkpoint applies to its own older checkpoints (positions are
+    never resized here: a checkpoint of another image size is a mismatch, not something to repair)."""
+    from open_clip.model import convert_to_custom_text_state_dict
+
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    for name in ("logit_scale", "logit_bias"):
+        ours = getattr(model, name, None)
+        if name in state and ours is not None and state[name].ndim != ours.ndim:
+            state[name] = state[name].reshape(ours.shape)
+    state.pop("text.transformer.embeddings.position_ids", None)
+    return state
+
+
+def fit_state_dict(model, state: dict, model_name: str, path: str | Path) -> None:
+    """Load `state` into `model` strictly; anything that does not fit is one error naming the model and
+    the first missing, unexpected and shape-mismatched keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]  # fmt: skip
+    problems = []
+    for what, keys in (
+        ("shape mismatch (file vs model)", shapes),
+        ("missing", missing),
+        ("unexpected", unexpected),
+    ):
+        if keys:
+            more = f", ... (+{len(keys) - _SHOWN_KEYS} more)" if len(keys) > _SHOWN_KEYS else ""
+            problems.append(f"{len(keys)} {what}: {', '.join(keys[:_SHOWN_KEYS])}{more}")
+    if problems:
+        raise ModelTestError(
+            f"{path} does not fit open_clip model {model_name!r}: {'; '.join(problems)}. "
+            f"Check --model_name (the seed's {SEED_WEIGHTS} is {SEED_MODEL})"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def check_model_name(model_name: str) -> None:
+    import open_clip
+
+    known = open_clip.list_models()
+    if model_name not in known:
+        hint = closest(model_name, known)
+        raise ModelTestError(
+            f"unknown open_clip model {model_name!r}"
+            + (f" (did you mean {hint!r}?)" if hint else "")
+            + "; the names are open_clip.list_models(), e.g. ViT-H-14, ViT-B-32"
+        )
+
+
+def _causal_argmax_text(model) -> bool:
+    """True for open_clip's CLIP class with a causal text mask and EOT (argmax) pooling."""
+    import open_clip
+    import torch
+
+    mask = getattr(model, "attn_mask", None)
+    if (
+        not isinstance(model, open_clip.CLIP)
+        or getattr(model, "text_pool_type", None) != "argmax"
+        or mask is None
+    ):
+        return False
+    n = mask.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1)
+    return mask.ndim == 2 and bool(torch.equal(torch.isneginf(mask), causal))
+
+
+class _QuietRandomInit(logging.Filter):
+    """open_clip warns that the model is randomly initialized; here the weights are loaded right after."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+# ---------------------------------------------------------------- scoring
+
+
+@dataclass
+class ScoreResult:
+    """cos[k, i]: text set k against image i (NaN where that text is None or the image is unreadable)."""
+
+    cos: np.ndarray
+    unreadable: dict[int, str] = field(default_factory=dict)  # image index -> why
+
+
+class ClipScorer:
+    """An open_clip model with its eval preprocessing and tokenizer; scores (image, caption) pairs in batches.
+
+    weights: a `.bin`/`.pt` state dict or `.safetensors` file; None keeps open_clip's random init
+    (benchmarks, tests).
+    """
+
+    def __init__(self, model_name: str = SEED_MODEL, weights: str | Path | None = None, device: str = "cpu",
+                 precision: str = "fp32", num_workers: int | None = None):  # fmt: skip
+        import open_clip
+        import torch
+
+        if precision not in PRECISIONS:
+            raise ModelTestError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if num_workers is not None and num_workers < 1:
+            raise ModelTestError(f"num_workers must be >= 1, got {num_workers}")
+        check_model_name(model_name)
+        state = (
+            load_weights_file(weights) if weights is not None else None
+        )  # a bad file fails before the model
+        quiet = _QuietRandomInit()
+        logging.getLogger().addFilter(quiet)
+        try:
+            # open_clip's own order: create, move and cast (LayerNorms stay fp32), then load the weights.
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=None, precision=precision, device=device
+            )
+        finally:
+            logging.getLogger().removeFilter(quiet)
+        if state is not None:
+            fit_state_dict(model, _adapt_state_dict(model, state), model_name, weights)
+            del state
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(model_name)  # 77 tokens for CLIP models, truncating
+        self.model_name = model_name
+        self.device = torch.device(device)
+        self.precision = precision
+        self.input_dtype = open_clip.get_input_dtype(precision) or torch.float32
+        self.num_workers = num_workers or min(16, os.cpu_count() or 1)
+        self.trim_text = _causal_argmax_text(model)
+
+    def encode_text(self, tokens):
+        """open_clip's CLIP.encode_text; with a causal text tower pooled at the EOT token (the CLIP models,
+        ViT-H-14 included) only the positions up to the batch's longest text are computed: with the causal
+        mask the later (padding) positions cannot change the EOT's output, so the 77-token result is the
+        same up to float rounding, at a fraction of the cost for caption-length texts."""
+        import torch
+
+        m = self.model
+        if not self.trim_text:
+            return m.encode_text(tokens)
+        n = tokens.shape[1]  # [p, n] tokens, n <= context length
+        cast_dtype = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast_dtype) + m.positional_embedding[:n].to(cast_dtype)  # [p, n, w]
+        x = m.transformer(x, attn_mask=m.attn_mask[:n, :n].contiguous())
+        x = m.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # [p, w] at the EOT token
+        if m.text_projection is not None:
+            x = (
+                m.text_projection(x)
+                if isinstance(m.text_projection, torch.nn.Linear)
+                else x @ m.text_projection
+            )
+        return x
+
+    def load_image(self, path: str | Path):
+        """[3, H, W] float: open_clip's eval transform on the file as PIL opens it (the seed's input)."""
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return self.preprocess(im)
+
+    def _load_or_error(self, path):
+        try:
+            return self.load_image(path)
+        except Exception as e:  # PIL raises several types for truncated or unknown files
+            return f"{type(e).__name__}: {e}"
+
+    def score(
+        self,
+        images: Sequence[str | Path],
+        texts: Sequence[Sequence[str | None]],
+        batch_size: int = 64,
+        progress: bool = False,
+    ) -> ScoreResult:
+        """Cosine similarity of each image with each of its texts. texts[k][i] is text set k's caption for
+        image i (None: not scored). Each image is encoded once however many text sets there are."""
+        import torch
+        from tqdm import tqdm
+
+        n, sets = len(images), len(texts)
+        if any(len(t) != n for t in texts):
+            raise ValueError("every text set needs one entry per image")
+        if batch_size < 1:
+            raise ModelTestError(f"batch_size must be >= 1, got {batch_size}")
+        cos = np.full((sets, n), np.nan)
+        unreadable: dict[int, str] = {}
+        starts = list(range(0, n, batch_size))
+
+        def submit(start: int) -> tuple[range, list[Future], Future]:
+            rows = range(start, min(start + batch_size, n))
+            pairs = [(k, i) for i in rows for k in range(sets) if texts[k][i] is not None]
+            decoded = [pool.submit(self._load_or_error, images[i]) for i in rows]
+            return rows, decoded, pool.submit(self._tokenize, pairs, texts)
+
+        bar = tqdm(total=n, unit="img", desc="clip score", disable=not progress, dynamic_ncols=True)
+        pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="clip-decode")
+        in_flight = None  # the previous batch's result stays on the device until the next batch is queued
+        try:
+            queue = deque(submit(s) for s in starts[:_PREFETCH_BATCHES])
+            following = iter(starts[_PREFETCH_BATCHES:])
+            while queue:
+                rows, decoded, tokenized = queue.popleft()
+                if (start := next(following, None)) is not None:
+                    queue.append(submit(start))
+                pixels = {}
+                for i, fut in zip(rows, decoded, strict=True):
+                    out = fut.result()
+                    if isinstance(out, str):
+                        unreadable[i] = out
+                    else:
+                        pixels[i] = out
+                with torch.inference_mode():
+                    result = self._forward(pixels, *tokenized.result())
+                if in_flight is not None:
+                    self._collect(cos, *in_flight)
+                in_flight = result
+                bar.update(len(rows))
+            if in_flight is not None:
+                self._collect(cos, *in_flight)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # an error or Ctrl-C drops the batches queued ahead
+            bar.close()
+        return ScoreResult(cos, unreadable)
+
+    def _forward(self, pixels: dict, pairs: list[tuple[int, int]], text_of: list[int], tokens):
+        """Queue one batch on the device: (cos of each pair whose image decoded, those pairs), or None.
+        Nothing here waits for the device, so the next batch is prepared while this one runs."""
+        import torch
+        import torch.nn.functional as F
+
+        slot = {i: j for j, i in enumerate(pixels)}  # image index -> row in the batch
+        keep = [j for j, (_, i) in enumerate(pairs) if i in slot]
+        if not keep:
+            return None
+        pin = self.device.type == "cuda"
+        first = next(iter(pixels.values()))
+        # [b, 3, H, W], stacked straight into pinned memory so the copy is asynchronous (and the cast to
+        # the model's dtype happens on the device)
+        x = torch.stack(list(pixels.values()), out=torch.empty((len(pixels), *first.shape), pin_memory=pin))
+        x = x.to(self.device, self.input_dtype, non_blocking=pin)
+        # [2, p]: each pair's image row and text row. Pinned too: a copy from pageable memory would wait
+        # for the batch still running on the device.
+        index = torch.tensor([[slot[pairs[j][1]] for j in keep], [text_of[j] for j in keep]])
+        index, tokens = (
+            (t.pin_memory() if pin else t).to(self.device, non_blocking=pin) for t in (index, tokens)
+        )
+        img = self.model.encode_image(x).float()  # [b, d]
+        txt = self.encode_text(tokens).float()  # [u, d]: the batch's distinct texts
+        return F.cosine_similarity(img[index[0]], txt[index[1]], dim=-1), [pairs[j] for j in keep]
+
+    def _tokenize(self, pairs: list[tuple[int, int]], texts):
+        """Tokens of the distinct texts among `pairs` (a caption shared by both text sets is encoded once,
+        so identical captions score identically) and each pair's row in them."""
+        rows: dict[str, int] = {}
+        text_of = [rows.setdefault(texts[k][i], len(rows)) for k, i in pairs]
+        return pairs, text_of, self.tokenize(list(rows))
+
+    def tokenize(self, texts: list[str]):
+        """[len(texts), n] tokens for `encode_text`: open_clip's tokenizer (truncating at its context length),
+        cut after the longest text's EOT when the text tower allows it."""
+        tokens = self.tokenizer(texts)
+        if self.trim_text and len(tokens):
+            tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]  # EOT is the highest id
+        return tokens
+
+    @staticmethod
+    def _collect(cos: np.ndarray, values, where: list[tuple[int, int]]) -> None:
+        values = values.cpu().numpy()
+        for v, (k, i) in zip(values, where, strict=True):
+            cos[k, i] = v
+
+
+# ---------------------------------------------------------------- reference vs candidate
+
+
+def paired_bootstrap(
+    candidate: np.ndarray,
+    reference: np.ndarray,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = 0.95,
+) -> tuple[float, float, float]:
+    """Mean of (candidate - reference) over paired images and its percentile bootstrap interval
+    (images resampled with replacement; fixed seed)."""
+    diff = np.asarray(candidate, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    if diff.ndim != 1 or diff.size == 0:
+        raise ValueError("paired_bootstrap needs two equal-length, non-empty 1-d arrays")
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(resamples, 4_000_000 // diff.size))  # bounds the index matrix to ~32 MB
+    means = np.empty(resamples)
+    for lo in range(0, resamples, chunk):
+        hi = min(resamples, lo + chunk)
+        means[lo:hi] = diff[rng.integers(0, diff.size, size=(hi - lo, diff.size))].mean(axis=1)
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(diff.mean()), float(low), float(high)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    num_shared: int
+    candidate_clip_score: float
+    reference_clip_score: float
+    candidate_clip_s: float
+    reference_clip_s: float
+    mean_diff: float  # mean(candidate - reference)
+    ci95: tuple[float, float]
+    share_worse: float  # share of images with candidate < reference - tolerance
+    tolerance: float
+    verdict: str  # PASS when the mean drop is at most the tolerance
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "PASS"
+
+
+def compare(
+    candidate: np.ndarray,
+    reference: np.ndarray,
+    tolerance: float,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> Comparison:
+    candidate = np.asarray(candidate, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    mean_diff, low, high = paired_bootstrap(candidate, reference, resamples, seed)
+    return Comparison(
+        num_shared=int(candidate.size),
+        candidate_clip_score=float(candidate.mean()),
+        reference_clip_score=float(reference.mean()),
+        candidate_clip_s=float(clip_s(candidate).mean()),
+        reference_clip_s=float(clip_s(reference).mean()),
+        mean_diff=mean_diff,
+        ci95=(low, high),
+        share_worse=float(np.mean(candidate - reference < -tolerance)),
+        tolerance=float(tolerance),
+        verdict="PASS" if -mean_diff <= tolerance else "FAIL",
+    )
