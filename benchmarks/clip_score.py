@@ -128,7 +128,8 @@ def model_only(scorer, images: list[Path], captions: list[str], batch_size: int,
 
     pixels = torch.stack([scorer.load_image(p) for p in images[:batch_size]])
     pixels = pixels.to(scorer.device, scorer.input_dtype)
-    tokens = scorer.tokenize(captions[:batch_size]).to(scorer.device)
+    _, buckets = scorer.tokenize(captions[:batch_size])
+    buckets = [b.to(scorer.device) for b in buckets]
     batches = -(-len(images) // batch_size)
     best = float("inf")
     with torch.inference_mode():
@@ -137,7 +138,7 @@ def model_only(scorer, images: list[Path], captions: list[str], batch_size: int,
             t0 = time.perf_counter()
             for _ in range(batches):
                 scorer.model.encode_image(pixels)
-                scorer.encode_text(tokens)
+                scorer.encode_texts(buckets)
             synchronize(scorer.device)
             best = min(best, time.perf_counter() - t0)
     return best * len(images) / (batches * len(pixels))

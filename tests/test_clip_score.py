@@ -150,19 +150,21 @@ def test_long_captions_are_truncated_not_refused(weights, photo_dir, seed_scores
     assert long_cos == pytest.approx(seed_scores("chelsea.jpg", LONG), abs=1e-5)  # the tail is past 77 tokens
 
 
-def test_text_tower_runs_only_up_to_the_longest_caption(weights):
-    """CLIP's causal text tower pooled at EOT: positions after the longest caption are not computed, and
-    the features equal open_clip's full 77-token encode_text."""
+def test_text_tower_skips_padding(weights):
+    """CLIP's causal text tower pooled at EOT: texts are sorted by length into buckets, each computed only
+    up to its longest text; the features equal open_clip's full 77-token encode_text, in the input order."""
     import torch
 
     scorer = ClipScorer(MODEL, weights["bin"], "cpu")
-    texts = ["a cat", "a cup of coffee on a saucer", ""]
-    tokens = scorer.tokenize(texts)
-    assert scorer.trim_text and tokens.shape == (3, 9)  # SOT + 7 words + EOT
-    assert scorer.tokenize([LONG]).shape == (1, 77)  # truncated by open_clip's tokenizer, never longer
+    texts = [f"caption number {i} " + "word " * (i % 11) for i in range(40)] + ["", LONG]
+    row, buckets = scorer.tokenize(texts)
+    assert scorer.trim_text and len(buckets) == 4  # on the CPU: up to 4 buckets of >= 8 texts
+    assert sum(len(b) for b in buckets) == len(texts)
+    assert [b.shape[1] for b in buckets] == sorted(b.shape[1] for b in buckets) and buckets[0].shape[1] == 8
+    assert buckets[-1].shape[1] == 77  # the long caption, truncated by open_clip's tokenizer
     with torch.inference_mode():
         full = scorer.model.encode_text(scorer.tokenizer(texts))
-        torch.testing.assert_close(scorer.encode_text(tokens), full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(scorer.encode_texts(buckets)[row], full, atol=1e-5, rtol=1e-5)
 
 
 def test_safetensors_and_batch_size_give_the_same_scores(weights, photo_dir):

@@ -20,19 +20,24 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ModelTestError, closest
 
+if TYPE_CHECKING:
+    import torch
+
 PRECISIONS = ("fp32", "fp16", "bf16")
 CLIP_S_WEIGHT = 2.5  # Hessel et al. 2021, section 3
 SEED_MODEL = "ViT-H-14"  # the seed's model; its weights are open_clip's laion2b_s32b_b79k
 SEED_WEIGHTS = "open_clip_pytorch_model.bin"
-_PREFETCH_BATCHES = 2  # batches decoded ahead of the one on the accelerator
+_PREFETCH_BATCHES = 2  # batches decoded ahead of the one on an accelerator
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 _SHOWN_KEYS = 5
+_MIN_TEXT_BUCKET = 8  # texts
 
 
 def clip_s(cos: np.ndarray | Sequence[float]) -> np.ndarray:
@@ -223,6 +228,8 @@ class ClipScorer:
         self.input_dtype = open_clip.get_input_dtype(precision) or torch.float32
         self.num_workers = num_workers or min(16, os.cpu_count() or 1)
         self.trim_text = _causal_argmax_text(model)
+        # accelerators: one text launch per batch (small pieces cost launches); CPU: less padding
+        self.text_buckets = 4 if self.device.type == "cpu" else 1
 
     def encode_text(self, tokens):
         """open_clip's CLIP.encode_text; with a causal text tower pooled at the EOT token (the CLIP models,
@@ -292,11 +299,14 @@ class ClipScorer:
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="clip-decode")
         in_flight = None  # the previous batch's result stays on the device until the next batch is queued
         try:
-            queue = deque(submit(s) for s in starts[:_PREFETCH_BATCHES])
-            following = iter(starts[_PREFETCH_BATCHES:])
+            # An accelerator computes while the pool decodes the next batches. On the CPU the model already
+            # uses every core: decoding alongside it only oversubscribes them, so batches take turns.
+            ahead = 0 if self.device.type == "cpu" else _PREFETCH_BATCHES
+            queue = deque(submit(s) for s in starts[: max(ahead, 1)])
+            following = iter(starts[max(ahead, 1) :])
             while queue:
                 rows, decoded, tokenized = queue.popleft()
-                if (start := next(following, None)) is not None:
+                if ahead and (start := next(following, None)) is not None:
                     queue.append(submit(start))
                 pixels = {}
                 for i, fut in zip(rows, decoded, strict=True):
@@ -307,6 +317,8 @@ class ClipScorer:
                         pixels[i] = out
                 with torch.inference_mode():
                     result = self._forward(pixels, *tokenized.result())
+                if not ahead and (start := next(following, None)) is not None:
+                    queue.append(submit(start))
                 if in_flight is not None:
                     self._collect(cos, *in_flight)
                 in_flight = result
@@ -318,7 +330,7 @@ class ClipScorer:
             bar.close()
         return ScoreResult(cos, unreadable)
 
-    def _forward(self, pixels: dict, pairs: list[tuple[int, int]], text_of: list[int], tokens):
+    def _forward(self, pixels: dict, pairs: list[tuple[int, int]], text_of: list[int], buckets: list):
         """Queue one batch on the device: (cos of each pair whose image decoded, those pairs), or None.
         Nothing here waits for the device, so the next batch is prepared while this one runs."""
         import torch
@@ -337,27 +349,49 @@ class ClipScorer:
         # [2, p]: each pair's image row and text row. Pinned too: a copy from pageable memory would wait
         # for the batch still running on the device.
         index = torch.tensor([[slot[pairs[j][1]] for j in keep], [text_of[j] for j in keep]])
-        index, tokens = (
-            (t.pin_memory() if pin else t).to(self.device, non_blocking=pin) for t in (index, tokens)
+        index, *buckets = (
+            (t.pin_memory() if pin else t).to(self.device, non_blocking=pin) for t in (index, *buckets)
         )
         img = self.model.encode_image(x).float()  # [b, d]
-        txt = self.encode_text(tokens).float()  # [u, d]: the batch's distinct texts
+        txt = self.encode_texts(buckets).float()  # [u, d]: the batch's distinct texts
         return F.cosine_similarity(img[index[0]], txt[index[1]], dim=-1), [pairs[j] for j in keep]
 
     def _tokenize(self, pairs: list[tuple[int, int]], texts):
         """Tokens of the distinct texts among `pairs` (a caption shared by both text sets is encoded once,
-        so identical captions score identically) and each pair's row in them."""
-        rows: dict[str, int] = {}
-        text_of = [rows.setdefault(texts[k][i], len(rows)) for k, i in pairs]
-        return pairs, text_of, self.tokenize(list(rows))
+        so identical captions score identically) and each pair's row in their features."""
+        distinct: dict[str, int] = {}
+        text_of = [distinct.setdefault(texts[k][i], len(distinct)) for k, i in pairs]
+        row, buckets = self.tokenize(list(distinct))
+        return pairs, [row[t] for t in text_of], buckets
 
-    def tokenize(self, texts: list[str]):
-        """[len(texts), n] tokens for `encode_text`: open_clip's tokenizer (truncating at its context length),
-        cut after the longest text's EOT when the text tower allows it."""
-        tokens = self.tokenizer(texts)
-        if self.trim_text and len(tokens):
-            tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]  # EOT is the highest id
-        return tokens
+    def tokenize(self, texts: list[str]) -> tuple[list[int], list]:
+        """open_clip's tokenizer (truncating at its context length), ready for `encode_texts`: (each text's
+        row in the features, token buckets). When the text tower allows cutting (see `encode_text`) the
+        texts are sorted by length and each bucket is cut after its longest text's EOT (rounded up to a
+        multiple of 8); on the CPU, where the cost is proportional to the tokens, a batch is split into up
+        to 4 such buckets."""
+        import torch
+
+        tokens = self.tokenizer(texts)  # [u, context]
+        if not self.trim_text or not len(tokens):
+            return list(range(len(texts))), [tokens]
+        lengths = tokens.argmax(dim=-1) + 1  # EOT is the highest id
+        order = torch.argsort(lengths, stable=True)
+        row = torch.empty_like(order)
+        row[order] = torch.arange(len(order))
+        tokens, lengths = tokens[order], lengths[order]
+        parts = max(1, min(self.text_buckets, len(tokens) // _MIN_TEXT_BUCKET))
+        edges = [round(len(tokens) * p / parts) for p in range(parts + 1)]
+        # lengths rounded up to a multiple of 8: a few shapes recur, and kernels built per shape are reused
+        cut = [min(tokens.shape[1], -(-int(lengths[b - 1]) // 8) * 8) for b in edges[1:]]
+        buckets = [tokens[a:b, :n] for a, b, n in zip(edges, edges[1:], cut, strict=False)]
+        return row.tolist(), buckets
+
+    def encode_texts(self, buckets: list) -> torch.Tensor:
+        """[u, d] text features, in the row order `tokenize` gave (buckets already on the model's device)."""
+        import torch
+
+        return torch.cat([self.encode_text(b) for b in buckets])
 
     @staticmethod
     def _collect(cos: np.ndarray, values, where: list[tuple[int, int]]) -> None:
