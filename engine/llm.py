@@ -35,7 +35,7 @@ from .image_cache import pixel_key
 from .model_runner import ModelRunner
 from .models.qwen_vl.config import QwenVLConfig
 from .models.qwen_vl.language import LOGN_TABLE_LEN, QwenVLForCausalLM, ntk_alpha
-from .models.qwen_vl.processor import preprocess
+from .models.qwen_vl.processor import preprocess, resize
 from .models.qwen_vl.tokenizer import QwenVLTokenizer
 from .models.qwen_vl.weights import load_weights
 from .prompts import is_single_prompt, render_prompt
@@ -264,8 +264,8 @@ class LLM:
                 f"{c.num_blocks}: raise kv_cache_memory_gb / num_blocks or shorten the request"
             )
         size = self.model_config.visual.image_size
-        pixels = [preprocess([image], size)[0] for image in rendered.images]
-        keys = [pixel_key(p) for p in pixels]
+        pixels = [resize(image, size) for image in rendered.images]  # uint8 until the vision tower needs them
+        keys = [pixel_key(p) for p in pixels]  # the same content key as the float pixels': normalize is 1:1
         end_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             end_ids.add(self.tokenizer.eod_id)

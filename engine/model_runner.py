@@ -17,6 +17,7 @@ from .attention import AttentionMetadata, get_attention_backend
 from .block_manager import BlockManager
 from .image_cache import FeatureCache
 from .models.qwen_vl.language import QwenVLForCausalLM, RotaryEmbedding, StepInputs, logn_table
+from .models.qwen_vl.processor import normalize
 from .models.qwen_vl.tokenizer import IMG_SPAN
 from .sequence import Sequence
 
@@ -121,7 +122,10 @@ class ModelRunner:
         found = {key: f for key, _ in images if (f := self.image_cache.get(key)) is not None}
         todo = {key: pixels for key, pixels in images if key not in found}
         if todo:
-            computed = self.model.encode_images(torch.stack(list(todo.values())).to(self.device))
+            # requests keep resized uint8 pixels until here (a quarter of float32's bytes while they wait)
+            pixels = [p.to(self.device) for p in todo.values()]
+            pixels = torch.stack([normalize(p) if p.dtype == torch.uint8 else p for p in pixels])
+            computed = self.model.encode_images(pixels)
             for key, feats in zip(todo, computed, strict=True):
                 found[key] = feats
                 self.image_cache.put(key, feats)

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from engine.errors import EngineError
-from engine.models.qwen_vl.processor import CLIP_MEAN, CLIP_STD, preprocess
+from engine.models.qwen_vl.processor import CLIP_MEAN, CLIP_STD, normalize, preprocess, resize
 
 
 def _original_transform():
@@ -26,6 +26,20 @@ def test_matches_the_original_transform(photo_dir):
     ref = torch.stack([_original_transform()(Image.open(p).convert("RGB")) for p in paths])
     assert ours.shape == (3, 3, 448, 448) and ours.dtype == torch.float32
     assert torch.equal(ours, ref)
+
+
+def test_requests_keep_uint8_pixels_until_the_vision_tower(photo_dir, qwen_vl_llm):
+    """A waiting request holds its image as resized uint8 (a quarter of float32's bytes); normalizing
+    it later gives exactly the original transform's pixels, and the content key is unchanged."""
+    from engine import SamplingParams
+    from engine.image_cache import pixel_key
+
+    photo = sorted(photo_dir.iterdir())[0]
+    small = resize(photo)
+    assert small.dtype == torch.uint8 and small.shape == (3, 448, 448)
+    assert torch.equal(normalize(small), _original_transform()(Image.open(photo).convert("RGB")))
+    seq = qwen_vl_llm._make_sequence(f"<img>{photo}</img>What is it?", SamplingParams(max_tokens=2))
+    assert seq.images[0].dtype == torch.uint8 and seq.image_keys == [pixel_key(small)]
 
 
 def test_bad_images(tmp_path):

@@ -30,17 +30,29 @@ def load_image(source):
         raise EngineError(f"image unreadable: {path}: {e}") from None
 
 
-def preprocess(images: list, image_size: int = IMAGE_SIZE):
-    """Images (paths or PIL) -> pixel tensor [n, 3, image_size, image_size], float32."""
+def resize(source, image_size: int = IMAGE_SIZE):
+    """A path or PIL image -> its RGB pixels squashed to image_size x image_size (bicubic), uint8
+    [3, H, W]: what a request keeps until its image reaches the vision tower (a quarter of the
+    float32 pixels' bytes)."""
     import numpy as np
     import torch
     from PIL import Image
 
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    out = []
-    for source in images:
-        img = load_image(source).resize((image_size, image_size), Image.BICUBIC)
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # [3, H, W] uint8
-        out.append(x.float().div(255).sub(mean).div(std))
-    return torch.stack(out)
+    img = load_image(source).resize((image_size, image_size), Image.BICUBIC)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def normalize(pixels):
+    """uint8 [..., 3, H, W] from `resize` -> float32 scaled to [0, 1] with CLIP's mean/std."""
+    import torch
+
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(3, 1, 1)
+    return pixels.float().div(255).sub(mean).div(std)
+
+
+def preprocess(images: list, image_size: int = IMAGE_SIZE):
+    """Images (paths or PIL) -> pixel tensor [n, 3, image_size, image_size], float32."""
+    import torch
+
+    return torch.stack([normalize(resize(source, image_size)) for source in images])
