@@ -278,7 +278,7 @@ def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, rank0
                     debug_txt.write(json.dumps([rec["raw_output"], rec["prompt"], rec["e2e_time"]], ensure_ascii=False) + "\n")
                     debug_txt.flush()
                 bar.update(1)
-                bar.set_postfix(acc=f"{total_score / len(records):.4f}", refresh=False)
+                bar.set_postfix({task.metric.name: f"{total_score / len(records):.4f}"}, refresh=False)
 
             t0 = time.perf_counter()
             _generate(backend, [task.request(s) for s in batch], emit)

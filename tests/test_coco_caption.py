@@ -252,6 +252,24 @@ def test_rst_json_records_and_csv(coco, tmp_path, capsys):
     assert summary["paths"]["captions"] == str(rst) and summary["corpus_metrics"] == {}
 
 
+@pytest.mark.parametrize("old_format", [False, True])
+def test_score_only_reads_the_seeds_caption_files(coco, tmp_path, old_format):
+    """--predictions npu_coco_rst.json (or the older image_file/model_answer form) scores captions made
+    elsewhere, e.g. by the seed itself, with no model."""
+    made = {"chelsea.jpg": "<ref>A cat</ref><box>(1,2),(3,4)</box> sitting.", "coffee.png": "",
+            "astronaut.jpg": "An astronaut."}  # fmt: skip
+    preds = tmp_path / "npu_coco_rst.json"
+    data = {"image_file": list(made), "model_answer": list(made.values())} if old_format else made
+    preds.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    code = main(["--task_config_path", str(TASK_YAML), "--dataset_path", str(coco), "--predictions", str(preds),
+                 "--output_dir", str(out), "--no_progress"])  # fmt: skip
+    assert code == 0
+    rows = _csv(next(out.rglob("*_result.csv")))
+    assert rows[1] == ["coco_caption", "0", "3", "2.0", "non_empty", str(round(2 / 3, 6))]
+    assert json.loads(_rst(out).read_text()) == made  # the same captions, markup kept, sorted
+
+
 def test_rst_file_is_named_by_device_family_and_sorted(coco, tmp_path):
     from modeltest.output import run_paths
 

@@ -1,7 +1,9 @@
 """Score-only mode: answers made elsewhere, looked up by question_id; no model is loaded.
 
-Accepted files: JSONL with one {"question_id": .., "answer": ..} per line, or the JSON list
-[{"question_id", "answer"}, ...] that the official Qwen-VL evaluation scripts write.
+Accepted files: JSONL with one {"question_id": .., "answer": ..} per line, the JSON list
+[{"question_id", "answer"}, ...] that the official Qwen-VL evaluation scripts write, or a caption
+file keyed by image - the seed's {image file name: caption} (gpu_coco_rst.json / npu_coco_rst.json)
+or its older {"image_file": [...], "model_answer": [...]} - whose image names are the ids.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ def load_predictions(path: str | Path) -> dict:
         raise ModelTestError(f"predictions file not found: {path}")
     with open(path, encoding="utf-8") as f:
         head = f.read(4096).lstrip()
+    if head.startswith("{") and _is_caption_map(path):
+        from ..clip_score import read_captions
+
+        return {e.image: e.caption for e in read_captions(path)}
     if head.startswith("["):
         rows = read_json(path)
         where = [f"{path}: entry {i}" for i in range(len(rows))]
@@ -39,6 +45,15 @@ def load_predictions(path: str | Path) -> dict:
     if not out:
         raise ModelTestError(f"{path}: no predictions in the file")
     return out
+
+
+def _is_caption_map(path: Path) -> bool:
+    """One JSON object that is not a single {question_id, ...} record (a one-line JSONL file)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False  # JSONL, or broken: the JSONL reader names the line
+    return isinstance(data, dict) and "question_id" not in data
 
 
 class PredictionsBackend(Backend):
