@@ -35,7 +35,7 @@ from .image_cache import pixel_key
 from .model_runner import ModelRunner
 from .models.qwen_vl.config import QwenVLConfig
 from .models.qwen_vl.language import LOGN_TABLE_LEN, QwenVLForCausalLM, ntk_alpha
-from .models.qwen_vl.processor import preprocess, resize
+from .models.qwen_vl.processor import resize
 from .models.qwen_vl.tokenizer import QwenVLTokenizer
 from .models.qwen_vl.weights import load_weights
 from .prompts import is_single_prompt, render_prompt
@@ -218,7 +218,7 @@ class LLM:
         span = self.tokenizer.encode("<img>warm-up</img>")  # <img> + 256 slots + </img>
         n = max(-(-total // c.max_model_len), min(c.max_batch_size, max(1, total // len(span))))
         lengths = [total // n + (i < total % n) for i in range(n)]
-        blank = preprocess([Image.new("RGB", (cfg.visual.image_size,) * 2)], cfg.visual.image_size)[0]
+        blank = resize(Image.new("RGB", (cfg.visual.image_size,) * 2), cfg.visual.image_size)
         filler = self.tokenizer.encode(" the")
         seqs = []
         for i, length in enumerate(lengths):
@@ -234,6 +234,7 @@ class LLM:
         runner = ModelRunner(self.model, bm, c.dtype, c.device, c.attention_backend)
         for seq in seqs:
             bm.allocate(seq)
+        images = sum(len(seq.images) for seq in seqs)
         t0 = now(c.device)
         runner.run(seqs)
         elapsed = now(c.device) - t0
@@ -243,7 +244,7 @@ class LLM:
         throwaway = blocks * ModelRunner.kv_bytes_per_block(cfg, c.block_size, c.dtype)
         shown = "not measured on cpu" if peak is None else f"peak {_gib(peak - throwaway)} GiB (weights + activations)"
         logger.info("warm-up: %d tokens in %d sequences, %d images, %.2f s; %s",
-                    total, n, sum(1 for x in lengths if x >= len(span)), elapsed, shown)  # fmt: skip
+                    total, n, images, elapsed, shown)  # fmt: skip
         return None if peak is None else peak - throwaway
 
     # ---- requests -------------------------------------------------------------------------

@@ -123,8 +123,7 @@ class ModelRunner:
         todo = {key: pixels for key, pixels in images if key not in found}
         if todo:
             # requests keep resized uint8 pixels until here (a quarter of float32's bytes while they wait)
-            pixels = [p.to(self.device) for p in todo.values()]
-            pixels = torch.stack([normalize(p) if p.dtype == torch.uint8 else p for p in pixels])
+            pixels = normalize(torch.stack(list(todo.values())).to(self.device))
             computed = self.model.encode_images(pixels)
             for key, feats in zip(todo, computed, strict=True):
                 found[key] = feats

@@ -24,7 +24,7 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     end_ids: set[int]  # tokens that end the sequence (eos unless ignore_eos, stop_token_ids)
-    images: list = field(default_factory=list)  # pixels [3, H, W] (uint8 resized, or float32 normalized) per span
+    images: list = field(default_factory=list)  # resized uint8 pixels [3, H, W] per span (normalized in the runner)
     image_starts: list[int] = field(default_factory=list)  # position of each span's <img> token
     image_keys: list[str] = field(default_factory=list)  # content hash of each image (feature cache key)
     output_token_ids: list[int] = field(default_factory=list)
