@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ModelTestError, closest
+from .clip_towers import image_encoder, text_encoder
 
 if TYPE_CHECKING:
     import torch
@@ -152,23 +153,6 @@ def check_model_name(model_name: str) -> None:
         )
 
 
-def _causal_argmax_text(model) -> bool:
-    """True for open_clip's CLIP class with a causal text mask and EOT (argmax) pooling."""
-    import open_clip
-    import torch
-
-    mask = getattr(model, "attn_mask", None)
-    if (
-        not isinstance(model, open_clip.CLIP)
-        or getattr(model, "text_pool_type", None) != "argmax"
-        or mask is None
-    ):
-        return False
-    n = mask.shape[-1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1)
-    return mask.ndim == 2 and bool(torch.equal(torch.isneginf(mask), causal))
-
-
 class _QuietRandomInit(logging.Filter):
     """open_clip warns that the model is randomly initialized; here the weights are loaded right after."""
 
@@ -227,33 +211,30 @@ class ClipScorer:
         self.precision = precision
         self.input_dtype = open_clip.get_input_dtype(precision) or torch.float32
         self.num_workers = num_workers or min(16, os.cpu_count() or 1)
-        self.trim_text = _causal_argmax_text(model)
-        # accelerators: one text launch per batch (small pieces cost launches); CPU: less padding
+        # open_clip's standard towers run through the exact, leaner forwards of clip_towers (the pooled
+        # row alone in the last block, fused attention); other towers through open_clip itself
+        self._image_encoder = image_encoder(model)
+        self._text_encoder = text_encoder(model)
+        self.trim_text = self._text_encoder is not None
+        # accelerators: one text launch per batch (small pieces cost launches), its length a multiple of 8
+        # (a few shapes recur); CPU, where the cost is proportional to the tokens: less padding
         self.text_buckets = 4 if self.device.type == "cpu" else 1
+        self.text_multiple = 1 if self.device.type == "cpu" else 8
+
+    @property
+    def lean_towers(self) -> tuple[bool, bool]:
+        """Whether the image and the text tower use clip_towers' forwards (else open_clip's own)."""
+        return self._image_encoder is not None, self._text_encoder is not None and self._text_encoder.lean
+
+    def encode_image(self, pixels):
+        """open_clip's CLIP.encode_image (equal up to float rounding)."""
+        return (self._image_encoder or self.model.encode_image)(pixels)
 
     def encode_text(self, tokens):
-        """open_clip's CLIP.encode_text; with a causal text tower pooled at the EOT token (the CLIP models,
-        ViT-H-14 included) only the positions up to the batch's longest text are computed: with the causal
-        mask the later (padding) positions cannot change the EOT's output, so the 77-token result is the
-        same up to float rounding, at a fraction of the cost for caption-length texts."""
-        import torch
-
-        m = self.model
-        if not self.trim_text:
-            return m.encode_text(tokens)
-        n = tokens.shape[1]  # [p, n] tokens, n <= context length
-        cast_dtype = m.transformer.get_cast_dtype()
-        x = m.token_embedding(tokens).to(cast_dtype) + m.positional_embedding[:n].to(cast_dtype)  # [p, n, w]
-        x = m.transformer(x, attn_mask=m.attn_mask[:n, :n].contiguous())
-        x = m.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # [p, w] at the EOT token
-        if m.text_projection is not None:
-            x = (
-                m.text_projection(x)
-                if isinstance(m.text_projection, torch.nn.Linear)
-                else x @ m.text_projection
-            )
-        return x
+        """open_clip's CLIP.encode_text (equal up to float rounding). With a causal text tower pooled at the
+        EOT token (the CLIP models, ViT-H-14 included) the tokens may be cut after the batch's longest text:
+        with the causal mask the later (padding) positions cannot change the EOT's output."""
+        return (self._text_encoder or self.model.encode_text)(tokens)
 
     def load_image(self, path: str | Path):
         """[3, H, W] float: open_clip's eval transform on the file as PIL opens it (the seed's input)."""
@@ -352,7 +333,7 @@ class ClipScorer:
         index, *buckets = (
             (t.pin_memory() if pin else t).to(self.device, non_blocking=pin) for t in (index, *buckets)
         )
-        img = self.model.encode_image(x).float()  # [b, d]
+        img = self.encode_image(x).float()  # [b, d]
         txt = self.encode_texts(buckets).float()  # [u, d]: the batch's distinct texts
         return F.cosine_similarity(img[index[0]], txt[index[1]], dim=-1), [pairs[j] for j in keep]
 
@@ -367,9 +348,9 @@ class ClipScorer:
     def tokenize(self, texts: list[str]) -> tuple[list[int], list]:
         """open_clip's tokenizer (truncating at its context length), ready for `encode_texts`: (each text's
         row in the features, token buckets). When the text tower allows cutting (see `encode_text`) the
-        texts are sorted by length and each bucket is cut after its longest text's EOT (rounded up to a
-        multiple of 8); on the CPU, where the cost is proportional to the tokens, a batch is split into up
-        to 4 such buckets."""
+        texts are sorted by length and each bucket is cut after its longest text's EOT (on accelerators
+        rounded up to a multiple of 8); on the CPU, where the cost is proportional to the tokens, a batch is
+        split into up to 4 such buckets."""
         import torch
 
         tokens = self.tokenizer(texts)  # [u, context]
@@ -382,8 +363,8 @@ class ClipScorer:
         tokens, lengths = tokens[order], lengths[order]
         parts = max(1, min(self.text_buckets, len(tokens) // _MIN_TEXT_BUCKET))
         edges = [round(len(tokens) * p / parts) for p in range(parts + 1)]
-        # lengths rounded up to a multiple of 8: a few shapes recur, and kernels built per shape are reused
-        cut = [min(tokens.shape[1], -(-int(lengths[b - 1]) // 8) * 8) for b in edges[1:]]
+        step = self.text_multiple
+        cut = [min(tokens.shape[1], -(-int(lengths[b - 1]) // step) * step) for b in edges[1:]]
         buckets = [tokens[a:b, :n] for a, b, n in zip(edges, edges[1:], cut, strict=False)]
         return row.tolist(), buckets
 
