@@ -208,6 +208,10 @@ class ClipScorer:
         self.tokenizer = open_clip.get_tokenizer(model_name)  # 77 tokens for CLIP models, truncating
         self.model_name = model_name
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            from engine.device import keep_freed_host_memory
+
+            keep_freed_host_memory()  # the activations of each batch reuse the last one's pages
         self.precision = precision
         self.input_dtype = open_clip.get_input_dtype(precision) or torch.float32
         self.num_workers = num_workers or min(16, os.cpu_count() or 1)
