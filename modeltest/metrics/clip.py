@@ -219,11 +219,15 @@ class ClipScorer:
         # row alone in the last block, fused attention); other towers through open_clip itself
         self._image_encoder = image_encoder(model)
         self._text_encoder = text_encoder(model)
-        self.trim_text = self._text_encoder is not None
         # accelerators: one text launch per batch (small pieces cost launches), its length a multiple of 8
         # (a few shapes recur); CPU, where the cost is proportional to the tokens: less padding
         self.text_buckets = 4 if self.device.type == "cpu" else 1
         self.text_multiple = 1 if self.device.type == "cpu" else 8
+
+    @property
+    def trim_text(self) -> bool:
+        """Whether texts may be cut after their batch's longest one (a causal text tower pooled at EOT)."""
+        return self._text_encoder is not None
 
     @property
     def lean_towers(self) -> tuple[bool, bool]:
