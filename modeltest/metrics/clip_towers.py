@@ -93,14 +93,17 @@ def _block_rows(block, x, rows, mask=None):
     return y[:, 0]
 
 
-def _patch_embed(conv, pixels):
-    """conv(pixels) flattened to [b, patches, width], for a bias-free convolution with kernel == stride."""
+def _patch_embed(conv, pixels, as_matmul: bool):
+    """conv(pixels) flattened to [b, patches, width]; as one matrix product when the convolution allows it
+    (`as_matmul`: bias-free, kernel == stride) and the patches tile the image."""
     import torch.nn.functional as F
 
-    p, q = conv.kernel_size
     b, c, height, width = pixels.shape
-    gh, gw = height // p, width // q
-    if (gh * p, gw * q) != (height, width):
+    if as_matmul:
+        p, q = conv.kernel_size
+        gh, gw = height // p, width // q
+        as_matmul = (gh * p, gw * q) == (height, width)
+    if not as_matmul:
         return conv(pixels).flatten(2).transpose(1, 2)
     patches = pixels.reshape(b, c, gh, p, gw, q).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * p * q)
     return F.linear(patches, conv.weight.reshape(conv.out_channels, -1))
@@ -135,7 +138,7 @@ def image_encoder(model) -> Callable[[torch.Tensor], torch.Tensor] | None:
 
         if v.training:  # patch dropout; scoring runs in eval mode
             return v(pixels)
-        x = _patch_embed(conv, pixels) if as_matmul else conv(pixels).flatten(2).transpose(1, 2)
+        x = _patch_embed(conv, pixels, as_matmul)
         cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
         x = v.ln_pre(x)
