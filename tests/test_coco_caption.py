@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -366,6 +368,67 @@ def test_caption_metrics_match_pycocoevalcap(coco, tmp_path):
     assert 0 < want["BLEU-4"] < 1 and want["CIDEr"] > 0.5  # the test data is not degenerate
     recs = [json.loads(x) for x in res.paths.samples.read_text().splitlines()]
     assert {r["id"]: r["scoring_text"] for r in recs} == {k: plain for k, (_, plain) in CAPTIONS.items()}
+
+
+TRICKY_CAPTIONS = [
+    "A man riding a horse.",
+    'Two dogs (brown) play, "happily"! Don\'t they?',
+    "",
+    "  spaces   around  ",
+    "A line\nbreak and a trailing one\n",
+    "Café au lait, naïve — “quoted” text… 3.5 km/h; e-mail: a@b.com -- ok?",
+    "[bracketed] {braced} it's 10 o'clock ... `tick`",
+    "a\x1cb\x85c",
+    "",
+]
+LINE_BREAKS = ["\r", "\r\n", "\x0b", "\x0c", "\u2028", "\u2029"]
+
+
+def _ptb_official(captions: list[str]) -> list[str]:
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    got = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
+    return [got[i][0] for i in range(len(captions))]
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's tokenizer needs Java")
+def test_ptb_tokenize_equals_pycocoevalcaps_tokenizer_without_writing_into_its_package():
+    pytest.importorskip("pycocoevalcap")
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    from modeltest.metrics.caption import ptb_tokenize
+
+    package = Path(ptbtokenizer.__file__).parent
+    listed, stamp = sorted(os.listdir(package)), package.stat().st_mtime_ns
+    ours = ptb_tokenize(TRICKY_CAPTIONS)
+    assert sorted(os.listdir(package)) == listed and package.stat().st_mtime_ns == stamp
+    assert ours == _ptb_official(TRICKY_CAPTIONS)
+    assert ours[1] == "two dogs -lrb- brown -rrb- play happily do n't they"  # pycocoevalcap's own quirks kept
+    # a line break the tokenizer honours (pycocoevalcap only turns "\n" into a space) stays inside its caption
+    broken = [f"one{br}two" for br in LINE_BREAKS] + ["three"]
+    assert ptb_tokenize(broken) == ["one two"] * len(LINE_BREAKS) + ["three"]
+    assert ptb_tokenize([]) == []
+    assert _ptb_official(broken)[-1] != "three"  # pycocoevalcap itself moves later captions onto other ids
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's tokenizer needs Java")
+def test_a_tokenizer_output_that_does_not_line_up_is_an_error(monkeypatch):
+    pytest.importorskip("pycocoevalcap")
+    import modeltest.metrics.caption as caption
+
+    real_run = subprocess.run
+
+    def one_line_short(cmd, **kw):
+        done = real_run(cmd, **kw)
+        done.stdout = done.stdout.split(b"\n", 1)[1]
+        return done
+
+    monkeypatch.setattr(caption.subprocess, "run", one_line_short)
+    with pytest.raises(ModelTestError, match="returned 2 lines for 3 captions"):
+        caption.ptb_tokenize(["one", "two", "three"])
+    monkeypatch.setattr(caption.subprocess, "run", lambda cmd, **kw: real_run([*cmd[:3], "no.such.Class"], **kw))
+    with pytest.raises(ModelTestError, match="PTB tokenizer .* failed with exit code"):
+        caption.ptb_tokenize(["one"])
 
 
 def test_missing_java_is_a_clear_error_before_the_model_loads(coco, tmp_path, monkeypatch, capsys):
