@@ -204,3 +204,26 @@ def test_prefix_cache_reuses_shared_heads_and_never_mixes_images(qwen_vl_ckpt, p
     assert 2 * 240 <= hits[3] < 3 * 240
     assert bm.num_free == 80 and all(c == 0 for c in bm.ref_count)
     assert all(bm.block_key[b] == k for k, b in bm.cached.items())  # no stale entry points to a reused block
+
+
+def test_prefix_cache_never_shares_keys_rotated_with_another_ntk_factor(qwen_vl_ckpt_short):
+    """seq_length 32: a 40-token prompt gets dynamic-NTK alpha 3, a 20-token prompt with the same head
+    alpha 1. The short one's first block holds keys rotated with alpha 1; reusing it for the long one
+    would change its logits (the original recomputes every key with the prompt's own alpha)."""
+    from engine.models.qwen_vl.language import ntk_alpha
+
+    head = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
+    short, long = head + " end", head + " and then seventeen eighteen nineteen twenty, twenty-one twenty-two twenty-three" * 2
+    kwargs = dict(dtype="float32", device="cpu", block_size=16, num_blocks=32, max_model_len=256, progress=False)
+    params = SamplingParams(max_tokens=4, logprobs=0)
+    plain = LLM(qwen_vl_ckpt_short, enable_prefix_caching=False, **kwargs).generate(long, params, use_tqdm=False)[0]
+    cached = LLM(qwen_vl_ckpt_short, **kwargs)
+    first = cached.generate(short, params, use_tqdm=False)[0]
+    lengths = len(first.prompt_token_ids), len(plain.prompt_token_ids)
+    assert lengths[0] > 16 and ntk_alpha(lengths[0], 32) == 1 and ntk_alpha(lengths[1], 32) > 1, lengths
+    assert plain.prompt_token_ids[:16] == first.prompt_token_ids[:16]  # one full block in common
+    out = cached.generate(long, params, use_tqdm=False)[0]
+    assert out.token_ids == plain.token_ids
+    for got, want in zip(out.logprobs, plain.logprobs, strict=True):
+        assert got.keys() == want.keys()
+        assert max(abs(got[t] - want[t]) for t in got) < 1e-5

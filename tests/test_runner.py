@@ -206,3 +206,23 @@ def test_streaming_backend_saves_each_result_as_it_finishes(task_yaml, tmp_path)
     assert backend.calls[1:] == [[34602], [34603], [34604]]
     assert {r["id"]: r["error"] for r in lines}[34604] == "RuntimeError: device fell over"
     assert res.total == 8 and res.errors == 1
+
+
+class PeekingBackend(TableBackend):
+    """Before answering each batch, reads samples.jsonl from disk through a handle of its own: what a
+    SIGKILL at that moment would leave behind."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root, self.on_disk = root, []
+
+    def generate(self, requests):
+        files = list(self.root.rglob("samples.jsonl"))
+        self.on_disk.append(len(files[0].read_bytes().splitlines()) if files else 0)
+        return super().generate(requests)
+
+
+def test_each_sample_is_on_disk_before_the_next_batch_runs(task_yaml, tmp_path):
+    backend = PeekingBackend(tmp_path / "p")
+    _run(task_yaml, tmp_path / "p", backend, batch_size=1, limit=4)
+    assert backend.on_disk == [0, 1, 2, 3]  # not held in a write buffer until the file closes
