@@ -152,9 +152,8 @@ def child(path: str, dtype: str, via: str) -> None:
 
     import engine.llm  # noqa: F401  (the engine's imports count in the baseline)
     from engine import LLM
-    from engine.models.qwen_vl.config import QwenVLConfig
-    from engine.models.qwen_vl.language import QwenVLForCausalLM
-    from engine.models.qwen_vl.weights import load_weights
+    from engine.loader import load_weights
+    from engine.models import load_family
 
     try:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
@@ -176,9 +175,10 @@ def child(path: str, dtype: str, via: str) -> None:
     if via == "llm":
         model = LLM(path, dtype=dtype, device="cpu", num_blocks=1, progress=False).model
     else:
+        family = load_family(path)
         with torch.device("meta"):
-            model = QwenVLForCausalLM(QwenVLConfig.from_pretrained(path))
-        load_weights(model, path, getattr(torch, dtype), "cpu")
+            model = family.build_model()
+        load_weights(model, path, getattr(torch, dtype), "cpu", family.checkpoint_name)
     load_s = time.perf_counter() - start
     loaded = _status()
     start = time.perf_counter()

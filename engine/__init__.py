@@ -2,30 +2,41 @@
 
     from engine import LLM, SamplingParams
     outs = LLM("/data/Qwen-VL").generate(prompts, SamplingParams(max_tokens=10))
+    outs[0].outputs[0].text
 
-The names below are imported on first use, so `import engine.device` stays light.
+    from engine import EngineArgs, LLMEngine
+    engine = LLMEngine.from_engine_args(EngineArgs(model="/data/Qwen-VL"))
+    engine.add_request("0", prompt, SamplingParams()); engine.step(); engine.abort_request("0")
+
+The names below are the engine's public API (what the harness may use); they are imported on first
+use, so `import engine` stays light.
 """
 
 from __future__ import annotations
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "EngineError"]
+import importlib
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "LLM": ".llm",
+    "LLMEngine": ".llm_engine",
+    "EngineStats": ".llm_engine",
+    "EngineArgs": ".config",
+    "SamplingParams": ".sampling",
+    "RequestOutputKind": ".sampling",
+    "RequestOutput": ".sequence",
+    "CompletionOutput": ".sequence",
+    "EngineError": ".errors",
+    "resolve_device": ".device",
+    "DeviceError": ".device",
+    "write_random_checkpoint": ".testing",
+    "tiny_config": ".testing",
+}
+
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):
-    if name == "LLM":
-        from .llm import LLM
-
-        return LLM
-    if name == "SamplingParams":
-        from .sampling import SamplingParams
-
-        return SamplingParams
-    if name == "RequestOutput":
-        from .sequence import RequestOutput
-
-        return RequestOutput
-    if name == "EngineError":
-        from .errors import EngineError
-
-        return EngineError
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

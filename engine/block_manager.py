@@ -6,9 +6,9 @@ tokens it has in the cache plus the ones the next step writes; `allocate` grows 
 `free` gives them back (finished or preempted).
 
 Prefix caching: a block that is full is registered under a key of its content and of everything
-before it (a chain of hashes over the token ids; image slots hash as the image's pixel key, since
-their ids are only path bytes; plus the sequence's NTK factor, which the cached keys were rotated
-with). A new (or recomputed) sequence starts with the registered blocks that match its tokens, so
+before it (a chain of hashes over the token ids; image slots hash as the image's content key, since
+their ids are only placeholders; plus the sequence's cache salt, which its model family derives from
+whatever else changes the cached K/V for the same tokens: Qwen-VL's dynamic-NTK factor). A new (or recomputed) sequence starts with the registered blocks that match its tokens, so
 a shared prompt head or an image asked about again is not computed twice. Shared blocks are only
 read: a sequence always computes at least its last token, from a block boundary on (the model
 runner places the image features of a span's remaining slots when a match ends inside a span).
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 
-from .models.qwen_vl.tokenizer import IMG_SPAN
 from .sequence import Sequence
 
 
@@ -41,22 +40,25 @@ class BlockManager:
     def num_free(self) -> int:
         return len(self.free_blocks)
 
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self.free_blocks)
+
     # ---- content keys ----------------------------------------------------------------------
 
     def _keys(self, seq: Sequence, full_blocks: int) -> list[bytes]:
         """Content keys of the first `full_blocks` blocks of `seq` (extends seq.block_keys)."""
         keys = seq.block_keys
-        tokens = seq.all_token_ids
         bs = self.block_size
         while len(keys) < full_blocks:
             j = len(keys)
-            h = hashlib.blake2b(keys[-1] if keys else repr(seq.ntk_alpha).encode(), digest_size=16)
-            block = list(tokens[j * bs : (j + 1) * bs])
-            for key, start in zip(seq.image_keys, seq.image_starts, strict=True):
-                lo, hi = max(start + 1, j * bs), min(start + 1 + IMG_SPAN, (j + 1) * bs)
+            h = hashlib.blake2b(keys[-1] if keys else b"salt:" + seq.cache_salt, digest_size=16)
+            block = seq.token_ids(j * bs, (j + 1) * bs)
+            for image in seq.images:
+                lo, hi = max(image.start, j * bs), min(image.start + image.length, (j + 1) * bs)
                 if lo < hi:  # image slots in this block: their content is the image
                     block[lo - j * bs : hi - j * bs] = [-1] * (hi - lo)
-                    h.update(key.encode())
+                    h.update(image.key.encode())
             h.update(repr(block).encode())
             keys.append(h.digest())
         return keys[:full_blocks]
@@ -110,6 +112,7 @@ class BlockManager:
         if matched:
             seq.block_table = list(matched)
             seq.num_cached = len(matched) * self.block_size
+            seq.num_registered = len(matched)  # found by their keys: registered already
             self.hit_tokens += seq.num_cached
         while len(seq.block_table) < blocks_for(seq.num_tokens, self.block_size):
             block, _ = self.free_blocks.popitem(last=False)
@@ -120,15 +123,19 @@ class BlockManager:
             seq.block_table.append(block)
 
     def register(self, seq: Sequence) -> None:
-        """After a step: make the sequence's full blocks findable by content."""
+        """After a step: make the sequence's newly filled blocks findable by content."""
         if not self.prefix_caching:
             return
         full = seq.num_cached // self.block_size
-        for j, key in enumerate(self._keys(seq, full)):
+        if full <= seq.num_registered:
+            return
+        keys = self._keys(seq, full)
+        for j in range(seq.num_registered, full):
             block = seq.block_table[j]
-            if key not in self.cached:
-                self.cached[key] = block
-                self.block_key[block] = key
+            if keys[j] not in self.cached:
+                self.cached[keys[j]] = block
+                self.block_key[block] = keys[j]
+        seq.num_registered = full
 
     def free(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):  # the tail is evicted before the shared head
@@ -136,7 +143,4 @@ class BlockManager:
             if self.ref_count[block] == 0:
                 self.free_blocks[block] = None
         seq.block_table = []
-        seq.num_cached = 0
-
-    def slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+        seq.num_cached = seq.num_registered = 0

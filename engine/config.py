@@ -1,8 +1,11 @@
-"""EngineConfig: the engine's knobs, checked when it is built (a bad value names its key)."""
+"""EngineArgs (what a user passes, with vLLM's names as synonyms) and EngineConfig (the engine's
+resolved knobs), checked when the engine is built: a bad value names its key."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 
@@ -67,3 +70,101 @@ class EngineConfig:
             raise EngineError(f"reserved_memory_gb (RESERVED_MEMORY_GB) must be >= 0, got {self.reserved_memory_gb!r}")
         if self.max_prefill_tokens is None:
             self.max_prefill_tokens = max(self.max_model_len, 8192)
+
+
+DEFAULT_MAX_BATCH_SIZE = 16
+DEFAULT_MEMORY_FRACTION = 0.9  # of the device's total memory the engine may use (weights, activations, KV)
+
+# vLLM's argument name -> this engine's (both are accepted; given together they must agree)
+SYNONYMS = {
+    "max_num_seqs": "max_batch_size",
+    "gpu_memory_utilization": "memory_fraction",
+    "max_num_batched_tokens": "max_prefill_tokens",
+}
+
+
+@dataclass
+class EngineArgs:
+    """Everything `LLM(...)` and `LLMEngine.from_engine_args` take. vLLM's names work as synonyms:
+    max_num_seqs = max_batch_size, gpu_memory_utilization = memory_fraction, max_num_batched_tokens =
+    max_prefill_tokens. trust_remote_code is accepted for compatibility and changes nothing: the
+    engine never imports or runs code from a model folder."""
+
+    model: str | Path
+    dtype: str | torch.dtype = "auto"
+    device: str | None = None
+    block_size: int = 128
+    max_batch_size: int | None = None  # sequences running at once (default 16)
+    max_model_len: int | None = None
+    max_prefill_tokens: int | None = None
+    num_blocks: int | None = None
+    kv_cache_memory_gb: float | None = None
+    memory_fraction: float | None = None  # else NPU_MEMORY_FRACTION, else 0.9
+    reserved_memory_gb: float | None = None  # else RESERVED_MEMORY_GB, else 0
+    warmup: bool | None = None
+    image_cache_gb: float = 0.5
+    enable_prefix_caching: bool = True
+    attention_backend: str | None = None
+    seed: int = 0
+    progress: bool = True
+    tensor_parallel_size: int = 1
+    trust_remote_code: bool = False
+    max_num_seqs: int | None = None
+    gpu_memory_utilization: float | None = None
+    max_num_batched_tokens: int | None = None
+
+    def __post_init__(self):
+        for vllm_name, name in SYNONYMS.items():
+            ours, theirs = getattr(self, name), getattr(self, vllm_name)
+            if theirs is None:
+                continue
+            if ours is not None and ours != theirs:
+                raise EngineError(f"{name}={ours!r} and {vllm_name}={theirs!r} disagree: they are the same setting, give one")
+            setattr(self, name, theirs)
+        if self.max_batch_size is None:
+            self.max_batch_size = DEFAULT_MAX_BATCH_SIZE
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise EngineError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+        if tp > 1:
+            raise EngineError(
+                f"tensor_parallel_size={tp}: this version of the engine runs a model on one device; "
+                "use tensor_parallel_size=1"
+            )
+        if not isinstance(self.trust_remote_code, bool):
+            raise EngineError(f"trust_remote_code must be true or false, got {self.trust_remote_code!r}")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def engine_config(self, device: str, checkpoint_dtype: str | None, max_model_len: int) -> EngineConfig:
+        return EngineConfig(
+            model=str(self.model),
+            dtype=resolve_dtype(self.dtype, device, checkpoint_dtype),
+            device=device,
+            block_size=self.block_size,
+            max_batch_size=self.max_batch_size,
+            max_model_len=max_model_len,
+            max_prefill_tokens=self.max_prefill_tokens,
+            num_blocks=self.num_blocks,
+            kv_cache_memory_gb=self.kv_cache_memory_gb,
+            memory_fraction=env_knob("NPU_MEMORY_FRACTION", self.memory_fraction, DEFAULT_MEMORY_FRACTION),
+            reserved_memory_gb=env_knob("RESERVED_MEMORY_GB", self.reserved_memory_gb, 0.0),
+            image_cache_gb=self.image_cache_gb,
+            enable_prefix_caching=self.enable_prefix_caching,
+            attention_backend=self.attention_backend,
+        )
+
+
+def env_knob(name: str, value: float | None, default: float) -> float:
+    """An explicit argument, else the seed's environment variable, else the default."""
+    if value is not None:
+        return value
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise EngineError(f"environment variable {name}={raw!r} is not a number") from None

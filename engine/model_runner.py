@@ -3,129 +3,156 @@ the logits of each sequence's last position.
 
 Packing: the new tokens of all sequences in the step — a whole prompt for a sequence being
 prefilled (or recomputed after a preemption), one token for a decoding one — go along one dimension
-([tokens]); each token gets its position, its KV-cache slot (through the sequence's block table)
-and its rotary cos/sin for the sequence's own NTK factor; queries past seq_length get the
-original's log-n factor. Every image whose span is among the new tokens goes through the vision
-tower in one batch and its 256 features replace the 256 slots after that span's <img> token.
+([tokens]). Positions, the sequence row of every token, KV-cache slots (through each sequence's
+block table) and the rows whose logits are sampled are computed for the whole batch with a few
+array operations on the host, then copied to the device once per tensor (from pinned memory on
+accelerators). The model family derives what its layers need from them once per step
+(`step_context`: Qwen-VL's rotary cos/sin with each sequence's own NTK factor, log-n factors). Every
+image whose span has slots among the new tokens goes through the vision tower in one batch (or comes
+from the feature cache) and its features replace those slots' embeddings.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from .attention import AttentionMetadata, get_attention_backend
 from .block_manager import BlockManager
 from .image_cache import FeatureCache
-from .models.qwen_vl.language import QwenVLForCausalLM, RotaryEmbedding, StepInputs, logn_table
-from .models.qwen_vl.processor import normalize
-from .models.qwen_vl.tokenizer import IMG_SPAN
+from .models.base import CausalLM, ImageSpan, ModelSpec
 from .sequence import Sequence
+
+
+@dataclass
+class StepInputs:
+    """One packed step, on the device."""
+
+    input_ids: torch.Tensor  # [tokens]
+    positions: torch.Tensor  # [tokens]
+    token_seq: torch.Tensor  # [tokens]: the row (in the step) of each token's sequence
+    logits_indices: torch.Tensor  # [rows]: packed rows whose logits are returned
+    attn: AttentionMetadata
+    images: list[ImageSpan]  # the images with slots among the new tokens, in order
+    image_rows: list[int]  # packed rows that take image features
+    feature_rows: list[int]  # rows of the images' concatenated features they take
 
 
 class ModelRunner:
     def __init__(
         self,
-        model: QwenVLForCausalLM,
+        model: CausalLM,
+        spec: ModelSpec,
         block_manager: BlockManager,
         dtype: torch.dtype,
         device: str,
         attention_backend: str | None = None,
         image_cache_bytes: int = 0,
     ):
-        cfg = model.config
-        self.model, self.block_manager, self.dtype, self.device = model, block_manager, dtype, device
+        self.model, self.spec, self.block_manager, self.dtype, self.device = model, spec, block_manager, dtype, device
         self.block_size = block_manager.block_size
-        shape = (block_manager.num_blocks, self.block_size, cfg.num_attention_heads, cfg.head_dim)
-        # kv_caches[layer] = (k, v), each [num_blocks, block_size, heads, head_dim]
+        shape = (block_manager.num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
+        # kv_caches[layer] = (k, v), each [num_blocks, block_size, kv_heads, head_dim]
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(cfg.num_hidden_layers)
+            for _ in range(spec.num_layers)
         ]
-        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rotary_emb_base, device)
-        self.logn = logn_table(cfg.seq_length, device) if cfg.use_logn_attn else None
         self.attention = get_attention_backend(device, attention_backend)
         self.image_cache = FeatureCache(image_cache_bytes)
+        self.pin = not device.startswith("cpu")
 
     @staticmethod
-    def kv_bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:
+    def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_hidden_layers * block_size * cfg.num_attention_heads * cfg.head_dim * elem
+        return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * elem
 
-    def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        if self.pin:
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def prepare(self, seqs: list[Sequence], all_rows: bool = False) -> StepInputs:
+        """The packed inputs of one step: each sequence computes its tokens from `num_cached` on."""
+        n = len(seqs)
+        starts = np.fromiter((s.num_cached for s in seqs), dtype=np.int64, count=n)
+        ends = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=n)
+        qlens = ends - starts
+        total = int(qlens.sum())
+        if total == n:  # every sequence decodes one token
+            input_ids = np.fromiter((s.last_token_id for s in seqs), dtype=np.int64, count=n)
+        else:
+            ids: list[int] = []
+            for s, a, b in zip(seqs, starts.tolist(), ends.tolist(), strict=True):
+                ids.extend(s.token_ids(a, b))
+            input_ids = np.array(ids, dtype=np.int64)
+        offsets = np.cumsum(qlens) - qlens  # first packed row of each sequence
+        token_seq = np.repeat(np.arange(n, dtype=np.int64), qlens)
+        positions = np.arange(total, dtype=np.int64) - np.repeat(offsets - starts, qlens)
+        width = max(len(s.block_table) for s in seqs)
+        tables = np.zeros((n, width), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            tables[i, : len(s.block_table)] = s.block_table
+        bs = self.block_size
+        slots = tables[token_seq, positions // bs] * bs + positions % bs
+        logits_indices = np.arange(total, dtype=np.int64) if all_rows else offsets + qlens - 1
+
+        images: list[ImageSpan] = []
+        image_rows: list[int] = []
+        feature_rows: list[int] = []
+        for i, s in enumerate(seqs):
+            if not s.images or qlens[i] == 1 and s.num_cached >= s.images[-1].start + s.images[-1].length:
+                continue
+            start, shift = int(starts[i]), int(offsets[i] - starts[i])  # packed row = position + shift
+            for image in s.images:
+                first, end = max(image.start, start), image.start + image.length
+                if first < end:  # a cached prefix may hold the span's first slots already
+                    base = sum(im.length for im in images) - image.start
+                    images.append(image)
+                    image_rows.extend(range(first + shift, end + shift))
+                    feature_rows.extend(range(first + base, end + base))
+
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(slots),
+            block_tables=self._to_device(tables),
+            context_lens=self._to_device(ends),
+            query_lens=qlens.tolist(),
+            context_lens_list=ends.tolist(),
+            block_size=bs,
+        )
+        return StepInputs(self._to_device(input_ids), self._to_device(positions), self._to_device(token_seq),
+                          self._to_device(logits_indices), meta, images, image_rows, feature_rows)  # fmt: skip
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], all_rows: bool = False) -> torch.Tensor:
         """fp32 logits [len(seqs), vocab] for the last position of each sequence (with `all_rows`:
         [new tokens, vocab], every position this step computes, in packing order). Each sequence
         computes its tokens from `num_cached` on; its block table must cover them."""
-        input_ids: list[int] = []
-        slots: list[int] = []
-        query_lens: list[int] = []
-        context_lens: list[int] = []
-        logits_rows: list[int] = []
-        cos, sin, positions_all = [], [], []
-        images: list[tuple[str, torch.Tensor]] = []  # (key, pixels) of each span with slots in this step
-        image_rows: list[int] = []  # packed rows that take image features
-        feature_rows: list[int] = []  # which rows of the images' [n * 256, hidden] features they take
-        for seq in seqs:
-            tokens = seq.all_token_ids
-            start = seq.num_cached
-            new = tokens[start:]
-            positions = list(range(start, len(tokens)))
-            offset = len(input_ids)
-            for key, image, img_pos in zip(seq.image_keys, seq.images, seq.image_starts, strict=True):
-                first = max(img_pos + 1, start)  # the span's slots are img_pos+1 .. img_pos+256; a cached
-                if first <= img_pos + IMG_SPAN:  # prefix may hold the first ones already
-                    base = len(images) * IMG_SPAN - (img_pos + 1)
-                    images.append((key, image))
-                    image_rows.extend(range(offset + first - start, offset + img_pos + IMG_SPAN + 1 - start))
-                    feature_rows.extend(range(base + first, base + img_pos + IMG_SPAN + 1))
-            input_ids.extend(new)
-            slots.extend(self.block_manager.slot(seq, p) for p in positions)
-            query_lens.append(len(new))
-            context_lens.append(len(tokens))
-            logits_rows.extend(range(offset, len(input_ids)) if all_rows else [len(input_ids) - 1])
-            pos = self._tensor(positions)
-            c, s = self.rotary(pos, seq.ntk_alpha)
-            cos.append(c)
-            sin.append(s)
-            positions_all.append(pos)
+        step = self.prepare(seqs, all_rows)
+        return self.execute(step, seqs)
 
-        max_blocks = max(len(seq.block_table) for seq in seqs)
-        block_tables = self._tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs])
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
-            block_tables=block_tables,
-            context_lens=self._tensor(context_lens),
-            query_lens=query_lens,
-            context_lens_list=context_lens,
-            block_size=self.block_size,
-        )
-        positions = torch.cat(positions_all)
-        logn = self.logn[positions] if self.logn is not None else None
-        step = StepInputs(torch.cat(cos), torch.cat(sin), logn, meta, self.attention)
-
+    def execute(self, step: StepInputs, seqs: list[Sequence]) -> torch.Tensor:
+        context = self.model.step_context(step.positions, step.token_seq, [s.state for s in seqs])
         features = rows = None
-        if images:
-            features = self._image_features(images).flatten(0, 1)[self._tensor(feature_rows)]  # [rows, hidden]
-            rows = self._tensor(image_rows)
-        logits = self.model(self._tensor(input_ids), self.kv_caches, step, self._tensor(logits_rows), features, rows)
-        for seq, ctx in zip(seqs, context_lens, strict=True):
+        if step.images:
+            index = torch.tensor(step.feature_rows, device=self.device)
+            features = torch.cat(self._image_features(step.images))[index]  # [rows, hidden]
+            rows = torch.tensor(step.image_rows, device=self.device)
+        hidden = self.model(step.input_ids, self.kv_caches, step.attn, context, self.attention, features, rows)
+        logits = self.model.compute_logits(hidden[step.logits_indices])
+        for seq, ctx in zip(seqs, step.attn.context_lens_list, strict=True):
             seq.num_cached = ctx
             self.block_manager.register(seq)
         return logits.float()
 
-    def _image_features(self, images: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
-        """Features for each (key, pixels): from the cache, else one vision-tower batch of the
-        distinct new images."""
-        found = {key: f for key, _ in images if (f := self.image_cache.get(key)) is not None}
-        todo = {key: pixels for key, pixels in images if key not in found}
+    def _image_features(self, images: list[ImageSpan]) -> list[torch.Tensor]:
+        """Features for each image: from the cache, else one vision-tower batch of the distinct new ones."""
+        found = {im.key: f for im in images if (f := self.image_cache.get(im.key)) is not None}
+        todo = {im.key: im.data for im in images if im.key not in found}
         if todo:
-            # requests keep resized uint8 pixels until here (a quarter of float32's bytes while they wait)
-            pixels = normalize(torch.stack(list(todo.values())).to(self.device))
-            computed = self.model.encode_images(pixels)
-            for key, feats in zip(todo, computed, strict=True):
+            for key, feats in zip(todo, self.model.embed_images(list(todo.values())), strict=True):
                 found[key] = feats
                 self.image_cache.put(key, feats)
-        return torch.stack([found[key] for key, _ in images])
+        return [found[im.key] for im in images]

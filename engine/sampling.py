@@ -4,15 +4,33 @@ Order of logits processing, as in transformers' generate: repetition penalty (ov
 output), min_tokens (end tokens masked), then greedy argmax when temperature is 0, else temperature,
 top-k, top-p and a draw from the request's own torch.Generator (seeded: reproducible whatever else
 is in the batch). Logprobs are taken from the model's raw distribution (log_softmax of the logits).
+
+The sampler works on the whole step at once: each kind of processing is one set of tensor
+operations over the rows that need it, whatever mix of settings the batch holds; a batch of plain
+greedy rows is one argmax. Sampled rows draw one uniform number each from their own generator and
+pick by inverse CDF over their processed distribution, all rows in one pass.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import EngineError
+
+if TYPE_CHECKING:
+    from .sequence import Sequence
+
+
+class RequestOutputKind(enum.Enum):
+    """vLLM's: what each RequestOutput of a running request holds."""
+
+    CUMULATIVE = 0  # everything so far
+    DELTA = 1  # what this step added (streaming)
+    FINAL_ONLY = 2  # nothing until it finishes
 
 
 @dataclass
@@ -28,6 +46,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -48,6 +67,7 @@ class SamplingParams:
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids"),
             (self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0), "logprobs must be >= 0"),
             (self.seed is None or isinstance(self.seed, int), "seed must be an integer or None"),
+            (isinstance(self.output_kind, RequestOutputKind), "output_kind must be a RequestOutputKind"),
         ]
         for ok, message in checks:
             if not ok:
@@ -58,42 +78,162 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, seen: list[int], output_len: int, end_ids) -> torch.Tensor:
-    """One row of fp32 logits [vocab] after repetition penalty and min_tokens."""
-    if params.repetition_penalty != 1.0 and seen:
-        ids = torch.tensor(sorted(set(seen)), device=logits.device)
-        score = logits[ids]
-        logits[ids] = torch.where(score < 0, score * params.repetition_penalty, score / params.repetition_penalty)
-    if output_len < params.min_tokens and end_ids:
-        logits[torch.tensor(sorted(end_ids), device=logits.device)] = float("-inf")
+@dataclass
+class SamplerOutput:
+    tokens: list[int]
+    logprobs: list[dict[int, float] | None]  # per row: {token_id: logprob} when the request asked
+
+
+class Sampler:
+    """Picks one token per row of a step's logits. Requests without a seed draw from one generator
+    seeded at engine start (reproducible for the same requests in the same order)."""
+
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """logits: fp32 [len(seqs), vocab], one row per sequence; processed in place."""
+        n = len(seqs)
+        params = [s.params for s in seqs]
+        want_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
+        logp = None
+        if want_logprobs:  # from the raw distribution, before anything below changes the logits
+            logp = torch.log_softmax(logits[_index(want_logprobs, n, logits.device)], dim=-1)
+        penalized = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        if penalized:
+            apply_repetition_penalty(logits, [seqs[i] for i in penalized], penalized)
+        masked = [i for i, s in enumerate(seqs) if len(s.output_token_ids) < s.params.min_tokens and s.end_ids]
+        if masked:
+            mask_end_tokens(logits, [seqs[i] for i in masked], masked)
+
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if not sampled:
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = torch.empty(n, dtype=torch.long, device=logits.device)
+            greedy = [i for i, p in enumerate(params) if p.greedy]
+            if greedy:
+                rows = _index(greedy, n, logits.device)
+                tokens[rows] = logits[rows].argmax(dim=-1)
+            rows = _index(sampled, n, logits.device)
+            tokens[rows] = self._sample(logits[rows], [seqs[i] for i in sampled])
+
+        token_list = tokens.tolist()
+        out: list[dict[int, float] | None] = [None] * n
+        if logp is not None:
+            chosen = torch.tensor([token_list[i] for i in want_logprobs], device=logp.device)
+            for i, entry in zip(want_logprobs, top_logprobs(logp, chosen, [params[i].logprobs for i in want_logprobs]),
+                                strict=True):  # fmt: skip
+                out[i] = entry
+        return SamplerOutput(token_list, out)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """One draw per row of [rows, vocab] processed logits, after temperature, top-k and top-p."""
+        device = logits.device
+        temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype, device=device)
+        logits = logits / temps[:, None]
+        top_k = [s.params.top_k for s in seqs]
+        if any(top_k):
+            logits = apply_top_k(logits, top_k)
+        top_p = [s.params.top_p for s in seqs]
+        if any(p < 1.0 for p in top_p):
+            logits = apply_top_p(logits, top_p)
+        probs = torch.softmax(logits, dim=-1)
+        return inverse_cdf(probs, self._uniforms(seqs).to(device))
+
+    def _uniforms(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One U[0, 1) per row: from the request's own generator, else from the engine's."""
+        u = torch.empty(len(seqs), dtype=torch.float64)
+        shared = [i for i, s in enumerate(seqs) if s.generator is None]
+        if shared:
+            u[shared] = torch.rand(len(shared), generator=self.generator, dtype=torch.float64)
+        for i, s in enumerate(seqs):
+            if s.generator is not None:
+                u[i] = torch.rand((), generator=s.generator, dtype=torch.float64)
+        return u
+
+
+def _index(rows: list[int], n: int, device) -> torch.Tensor | slice:
+    return slice(None) if len(rows) == n else torch.tensor(rows, device=device)
+
+
+def _rows_of(counts: list[int], rows: list[int]) -> torch.Tensor:
+    """rows[j] repeated counts[j] times, as one tensor."""
+    return torch.repeat_interleave(torch.tensor(rows), torch.tensor(counts))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+    """transformers' RepetitionPenaltyLogitsProcessor on each row over the ids its sequence has seen
+    (prompt and output): a seen id's logit is divided by the penalty when positive, multiplied when
+    negative. In place, all rows at once (an id seen twice gets the same value twice)."""
+    local = list(range(len(seqs)))
+    which = torch.cat([_rows_of([len(s.prompt_token_ids) for s in seqs], local),
+                       _rows_of([len(s.output_token_ids) for s in seqs], local)])  # fmt: skip
+    ids = torch.cat([*(s.prompt_tensor() for s in seqs),
+                     torch.tensor([t for s in seqs for t in s.output_token_ids], dtype=torch.long)])  # fmt: skip
+    penalty = torch.tensor([s.params.repetition_penalty for s in seqs], dtype=logits.dtype)
+    row_ids, factor = torch.tensor(rows)[which], penalty[which]
+    row_ids, ids, factor = (t.to(logits.device) for t in (row_ids, ids, factor))
+    score = logits[row_ids, ids]
+    logits[row_ids, ids] = torch.where(score < 0, score * factor, score / factor)
+
+
+def mask_end_tokens(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+    """min_tokens: a sequence that has not generated enough yet cannot pick an end token."""
+    row_ids = _rows_of([len(s.end_ids) for s in seqs], rows).to(logits.device)
+    ids = torch.tensor([t for s in seqs for t in s.end_ids], dtype=torch.long, device=logits.device)
+    logits[row_ids, ids] = float("-inf")
+
+
+def apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """Keep each row's k largest logits (k = 0: all), ties with the k-th included."""
+    vocab = logits.shape[-1]
+    ks = [min(k, vocab) if k > 0 else vocab for k in top_k]
+    values = torch.topk(logits, max(ks), dim=-1).values  # [rows, kmax], descending
+    kth = values.gather(1, torch.tensor(ks, device=logits.device)[:, None] - 1)
+    kth = kth.masked_fill(torch.tensor([k == 0 for k in top_k], device=logits.device)[:, None], float("-inf"))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    """transformers' TopPLogitsWarper per row: drop the low tail whose probability mass is <= 1 - top_p,
+    keeping at least the most likely token. Rows with top_p 1 are left as they are."""
+    rows = [i for i, p in enumerate(top_p) if p < 1.0]
+    index = _index(rows, len(top_p), logits.device)
+    part = logits[index]
+    sorted_logits, order = torch.sort(part, descending=False, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    threshold = 1 - torch.tensor([top_p[i] for i in rows], dtype=cumulative.dtype, device=logits.device)
+    remove = cumulative <= threshold[:, None]
+    remove[:, -1] = False
+    part = part.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    if isinstance(index, slice):
+        return part
+    logits = logits.clone()
+    logits[index] = part
     return logits
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick one token from processed fp32 logits [vocab]."""
-    if params.greedy:
-        return int(torch.argmax(logits))
-    logits = logits / params.temperature
-    if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        # transformers' TopPLogitsWarper: drop the low tail whose mass is <= 1 - top_p, keep at least one
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - params.top_p)
-        remove[-1] = False
-        logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """For each row, the first id whose cumulative probability exceeds u x the row's total: a draw
+    from the row's distribution (an id of probability 0 is never picked)."""
+    cdf = probs.double().cumsum(dim=-1)  # [rows, vocab]
+    target = (u * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
-def top_logprobs(raw_logits: torch.Tensor, token: int, k: int) -> dict[int, float]:
-    """{token_id: logprob} for the k most likely tokens and the chosen one, from raw fp32 logits."""
-    logp = torch.log_softmax(raw_logits, dim=-1)
-    out: dict[int, float] = {}
-    if k > 0:
-        values, ids = torch.topk(logp, k)
-        out = {int(i): float(v) for i, v in zip(ids, values, strict=True)}
-    out[token] = float(logp[token])
+def top_logprobs(logp: torch.Tensor, chosen: torch.Tensor, ks: list[int]) -> list[dict[int, float]]:
+    """Per row of log-probabilities [rows, vocab]: {id: logprob} of its k most likely ids and its chosen one."""
+    kmax = max(ks)
+    top_ids = top_values = None
+    if kmax > 0:
+        top_values, top_ids = torch.topk(logp, kmax, dim=-1)
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    picked = logp.gather(1, chosen[:, None]).squeeze(1).tolist()
+    out = []
+    for r, (k, token) in enumerate(zip(ks, chosen.tolist(), strict=True)):
+        entry = dict(zip(top_ids[r][:k], top_values[r][:k], strict=True)) if k else {}
+        entry[token] = picked[r]
+        out.append(entry)
     return out

@@ -12,7 +12,9 @@ blocks at once, so the next step admits a waiting one.
 Blocks are taken on demand. When a running sequence needs a block and none is free, the most
 recently admitted sequence is preempted: its blocks are freed and it goes back to the front of the
 queue, to be recomputed from its tokens later (prompt + what it generated), which gives the same
-tokens as an uninterrupted run. A step that preempted admits nothing new, so the batch cannot thrash.
+tokens as an uninterrupted run. A step that preempted admits nothing new, so the batch cannot thrash. An aborted request leaves the
+queue or the batch at once and its blocks go back to the free list (blocks other requests share
+stay theirs).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class Scheduler:
         if not self.running and self.waiting:
             seq = self.waiting[0]
             raise RuntimeError(
-                f"sequence {seq.seq_id} needs {bm.missing(seq)} KV blocks but the cache has {bm.num_blocks}; "
+                f"request {seq.request_id} needs {bm.missing(seq)} KV blocks but the cache has {bm.num_blocks}; "
                 "the engine should have rejected it"
             )
         return list(self.running)
@@ -93,3 +95,12 @@ class Scheduler:
         seq.status = Status.FINISHED
         self.running.remove(seq)
         self.block_manager.free(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Take a request out wherever it is; its blocks are free when this returns."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = Status.FINISHED

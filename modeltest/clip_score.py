@@ -154,7 +154,7 @@ def _warn(message: str) -> None:
 
 
 def _resolve_device(device: str | None) -> str:
-    from engine.device import DeviceError, resolve_device
+    from engine import DeviceError, resolve_device
 
     try:
         if device is not None and device.isdigit():  # the seed's --device 0

@@ -38,6 +38,11 @@ class RunPaths:
         return self.debug_dir / "run_config.json"
 
 
+def device_family(device: str) -> str:
+    """The seed's folder name for a device: NPU, GPU or CPU."""
+    return {"npu": "NPU", "cuda": "GPU"}.get(device.split(":")[0], "CPU")
+
+
 def run_paths(output_dir, family, task_type, task, data_type, model, model_type, batch_size, tp) -> RunPaths:
     rel = Path(family, f"{task_type}_test", task, data_type, model)
     stem = f"{task}_{model_type}_batch{batch_size}_tp{tp}"

@@ -22,7 +22,16 @@ from pathlib import Path
 from .backends.base import Backend, Generation, Request, check_model_path, create_backend
 from .config import ModelConfig, TaskConfig, to_dict
 from .errors import EXIT_TOO_MANY_ERRORS, ModelTestError
-from .output import CSV_COLUMNS, JsonlAppender, RunPaths, read_samples, run_paths, write_csv, write_json
+from .output import (
+    CSV_COLUMNS,
+    JsonlAppender,
+    RunPaths,
+    device_family,
+    read_samples,
+    run_paths,
+    write_csv,
+    write_json,
+)
 from .tasks import Sample, Task, get_task
 
 PREDICTIONS_MODEL_NAME = "predictions"
@@ -148,7 +157,7 @@ def _select_predicted(samples: list[Sample], predictions: dict, path: str) -> li
 
 
 def _device(backend_name: str, device: str | None, backend: Backend | None) -> tuple[str, str]:
-    from engine.device import DeviceError, device_family, resolve_device
+    from engine import DeviceError, resolve_device
 
     if backend_name == "predictions":
         return "cpu", "CPU"

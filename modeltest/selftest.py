@@ -55,8 +55,7 @@ def write_textvqa(root: Path, n: int = 8) -> Path:
 def main(argv: list[str] | None = None) -> int:
     import yaml
 
-    from engine.errors import EngineError
-    from engine.models.qwen_vl.random_checkpoint import tiny_config, write_random_checkpoint
+    from engine import EngineError, tiny_config, write_random_checkpoint
 
     p = argparse.ArgumentParser(prog="modeltest selftest", description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", help="work folder (default: a new temporary folder, kept so you can look)")

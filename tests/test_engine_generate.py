@@ -25,10 +25,11 @@ from engine.attention import AttentionBackend, AttentionMetadata
 from engine.attention.torch import TorchAttention
 from engine.block_manager import blocks_for
 from engine.errors import EngineError
-from engine.models.qwen_vl.language import RotaryEmbedding, StepInputs, logn_table, ntk_alpha
+from engine.models.qwen_vl.language import ntk_alpha
 from engine.models.qwen_vl.processor import preprocess
 from engine.models.qwen_vl.tokenizer import IMAGE_TAGS, IMG_SPAN
-from engine.sampling import process_logits
+from engine.sampling import apply_repetition_penalty, mask_end_tokens
+from engine.sequence import Sequence
 
 GREEDY = SamplingParams(max_tokens=6)
 TEXT = "The quick brown fox jumps over the lazy dog"
@@ -47,15 +48,15 @@ class Recorder:
 
     def __init__(self, llm, bias=None):
         self.llm, self.bias = llm, bias
-        self.logits: dict[int, list[torch.Tensor]] = defaultdict(list)
-        self.tables: dict[int, list[int]] = {}
+        self.logits: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.tables: dict[str, list[int]] = {}
         self.batch_sizes: list[tuple[int, bool]] = []
 
     def __enter__(self):
         original = self.llm.runner.run
 
         def run(seqs, *args, **kwargs):
-            if args or kwargs:  # not the one-row-per-sequence call `LLM.step` makes
+            if args or kwargs:  # not the one-row-per-sequence call `LLMEngine.step` makes
                 return original(seqs, *args, **kwargs)
             prefill = any(s.num_tokens - s.num_cached > 1 for s in seqs)  # a prompt is computed in this step
             logits = original(seqs).clone()
@@ -63,8 +64,8 @@ class Recorder:
             for row, seq in zip(logits, seqs, strict=True):
                 if self.bias is not None:
                     self.bias(seq, row)
-                self.logits[seq.seq_id].append(row.clone())
-                self.tables[seq.seq_id] = list(seq.block_table)
+                self.logits[seq.request_id].append(row.clone())
+                self.tables[seq.request_id] = list(seq.block_table)
             return logits
 
         self.llm.runner.run = run
@@ -97,19 +98,17 @@ def dense_logits(llm, prompt_ids, images, generated) -> torch.Tensor:
     n = len(ids)
     pos = torch.arange(n)
     alpha = ntk_alpha(len(prompt_ids), cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
-    cos, sin = RotaryEmbedding(cfg.rotary_dim, cfg.rotary_emb_base, "cpu")(pos, alpha)
-    logn = logn_table(cfg.seq_length, "cpu")[pos] if cfg.use_logn_attn else None
+    context = llm.model.step_context(pos, torch.zeros(n, dtype=torch.long), [alpha])
     meta = AttentionMetadata(torch.empty(0), torch.empty(0), torch.tensor([n]), [n], [n], 0)
-    step = StepInputs(cos, sin, logn, meta, DenseCausalAttention())
     features = rows = None
     starts = [i for i, t in enumerate(prompt_ids) if t == llm.tokenizer.img_start_id]
     assert len(starts) == len(images)
     if images:
-        features = llm.model.encode_images(preprocess(images, cfg.visual.image_size))
+        features = llm.model.encode_images(preprocess(images, cfg.visual.image_size)).flatten(0, 1)
         rows = torch.tensor([s + 1 + j for s in starts for j in range(IMG_SPAN)])
     caches = [(None, None)] * cfg.num_hidden_layers
-    logits_rows = torch.arange(len(prompt_ids) - 1, n)
-    return llm.model(torch.tensor(ids), caches, step, logits_rows, features, rows).float()
+    hidden = llm.model(torch.tensor(ids), caches, meta, context, DenseCausalAttention(), features, rows)
+    return llm.model.compute_logits(hidden[len(prompt_ids) - 1 :]).float()
 
 
 @pytest.fixture(scope="module")
@@ -440,16 +439,23 @@ def _hf_penalty(logits, seen, penalty):
     return RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([seen]), logits[None].clone())[0]
 
 
-def test_process_logits_repetition_penalty_and_min_tokens():
+def _row(prompt, output, params, end_ids=()):
+    return Sequence(0, "r", "", list(prompt), params, frozenset(end_ids), output_token_ids=list(output))
+
+
+def test_repetition_penalty_and_min_tokens_on_a_batch_of_rows():
     logits = torch.tensor([2.0, -2.0, 1.0, -1.0, 0.5, 3.0])
-    sp = SamplingParams(repetition_penalty=2.0)
-    out = process_logits(logits.clone(), sp, [0, 1, 1, 4], 0, set())
-    assert out.tolist() == [1.0, -4.0, 1.0, -1.0, 0.25, 3.0]  # positive divided, negative multiplied
-    assert torch.equal(out, _hf_penalty(logits, [0, 1, 1, 4], 2.0))
-    sp = SamplingParams(min_tokens=3, max_tokens=5)
-    masked = process_logits(logits.clone(), sp, [0], 2, {5, 3})
-    assert masked[5] == masked[3] == float("-inf") and masked[:3].tolist() == logits[:3].tolist()
-    assert torch.equal(process_logits(logits.clone(), sp, [0], 3, {5, 3}), logits)
+    batch = logits.repeat(3, 1)
+    rows = [_row([0, 1], [1, 4], SamplingParams(repetition_penalty=2.0)),  # row 0
+            _row([5], [], SamplingParams(repetition_penalty=4.0))]  # row 2; row 1 untouched  # fmt: skip
+    apply_repetition_penalty(batch, rows, [0, 2])
+    assert batch[0].tolist() == [1.0, -4.0, 1.0, -1.0, 0.25, 3.0]  # positive divided, negative multiplied
+    assert torch.equal(batch[0], _hf_penalty(logits, [0, 1, 1, 4], 2.0))
+    assert torch.equal(batch[1], logits) and torch.equal(batch[2], _hf_penalty(logits, [5], 4.0))
+    masked = logits.repeat(2, 1)
+    mask_end_tokens(masked, [_row([0], [1, 2], SamplingParams(min_tokens=3, max_tokens=5), {5, 3})], [1])
+    assert masked[1, 5] == masked[1, 3] == float("-inf") and masked[1, :3].tolist() == logits[:3].tolist()
+    assert torch.equal(masked[0], logits)
 
 
 def test_repetition_penalty_follows_hf(qwen_vl_llm):

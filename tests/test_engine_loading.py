@@ -83,7 +83,7 @@ def greedy_with_logits(llm: LLM, prompts) -> tuple[list[list[int]], list[torch.T
         if args or kwargs:  # not the one-row-per-sequence call `LLM.step` makes
             return out
         for row, seq in zip(out, seqs, strict=True):
-            logits.setdefault(seq.seq_id, []).append(row.clone())
+            logits.setdefault(seq.request_id, []).append(row.clone())
         return out
 
     llm.runner.run = run
@@ -311,7 +311,7 @@ def test_broken_config_json_names_file_and_line(qwen_vl_ckpt, tmp_path):
 def test_wrong_model_type_and_text_only_qwen(qwen_vl_ckpt, tmp_path):
     refused(
         make_folder(tmp_path / "llama", qwen_vl_ckpt, tiny_config(model_type="llama")),
-        "model_type 'llama' is not Qwen-VL",
+        "model_type 'llama' is not a model the engine runs (supported: 'qwen' = Qwen-VL",
     )
     text_only = {k: v for k, v in tiny_config().items() if k != "visual"}
     refused(make_folder(tmp_path / "qwen", qwen_vl_ckpt, text_only), "no 'visual' section")
@@ -440,7 +440,7 @@ def test_missing_model_folder(tmp_path):
 
 def test_kv_budget_is_the_seeds_formula():
     from engine.device import MemoryInfo
-    from engine.llm import kv_budget
+    from engine.kv_sizing import kv_budget
 
     gib = 2**30
     # 80 GiB device, 60 free; torch holds 18 (weights + cache), so 2 are the driver context / others
@@ -453,7 +453,7 @@ def test_kv_budget_is_the_seeds_formula():
 def test_warm_up_sizes_the_cache_from_device_memory(qwen_vl_ckpt, monkeypatch, caplog):
     """An accelerator, simulated on cpu: the engine runs its warm-up step (the largest prefill batch,
     images through the vision tower) and sizes the cache from what the device has left."""
-    import engine.llm as llm_mod
+    import engine.kv_sizing as llm_mod
     from engine.device import MemoryInfo
 
     gib, mib = 2**30, 2**20

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _seq(i: int, prompt_len: int, max_tokens: int = 8, tokens: list[int] | None = None) -> Sequence:
     tokens = tokens if tokens is not None else list(range(1000 * i, 1000 * i + prompt_len))  # no shared prefix
-    return Sequence(i, "", tokens, SamplingParams(max_tokens=max_tokens), set())
+    return Sequence(i, str(i), "", tokens, SamplingParams(max_tokens=max_tokens), frozenset())
 
 
 def test_admission_is_fifo_and_bounded():

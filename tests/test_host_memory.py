@@ -1,4 +1,4 @@
-"""Protects engine.device.keep_freed_host_memory: on glibc, a large block freed on the CPU stays in the
+"""Protects modeltest.host_memory.keep_freed_host_memory: on glibc, a large block freed on the CPU stays in the
 heap for the next allocation of its size (not a fresh mmap, not trimmed off the heap), so a forward pass
 that allocates and frees the same activations layer after layer stops paying a page fault for every page
 of them on every pass (the CLIP scorer's CPU throughput depended on it), and a user's own MALLOC_*
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # trim it (the trim threshold stays 128 KiB). Only both keep it.
 BLOCK_SCRIPT = """
 import ctypes, json, resource
-from engine.device import keep_freed_host_memory
+from modeltest.host_memory import keep_freed_host_memory
 kept = keep_freed_host_memory()
 libc = ctypes.CDLL(None)
 field = ctypes.c_size_t if hasattr(libc, "mallinfo2") else ctypes.c_int
@@ -67,7 +67,7 @@ print(json.dumps(dict(kept=kept, mmapped_for_it=mmapped_for_it, heap_shrunk_by=h
 MLP_SCRIPT = """
 import json, resource, torch
 import torch.nn.functional as F
-from engine.device import keep_freed_host_memory
+from modeltest.host_memory import keep_freed_host_memory
 kept = keep_freed_host_memory()
 torch.set_num_threads(1)
 w1, w2 = torch.randn(1536, 16) / 4, torch.randn(16, 1536) / 40

@@ -38,8 +38,8 @@ def test_requests_keep_uint8_pixels_until_the_vision_tower(photo_dir, qwen_vl_ll
     small = resize(photo)
     assert small.dtype == torch.uint8 and small.shape == (3, 448, 448)
     assert torch.equal(normalize(small), _original_transform()(Image.open(photo).convert("RGB")))
-    seq = qwen_vl_llm._make_sequence(f"<img>{photo}</img>What is it?", SamplingParams(max_tokens=2))
-    assert seq.images[0].dtype == torch.uint8 and seq.image_keys == [pixel_key(small)]
+    seq = qwen_vl_llm.llm_engine._make_sequence("r", f"<img>{photo}</img>What is it?", SamplingParams(max_tokens=2))
+    assert seq.images[0].data.dtype == torch.uint8 and [im.key for im in seq.images] == [pixel_key(small)]
 
 
 def test_bad_images(tmp_path):

@@ -99,7 +99,7 @@ def run_engine(llm, prompts: list[str], max_tokens: int) -> list[Trace]:
     def recording_run(seqs):
         logits = real_run(seqs)
         for seq, row in zip(seqs, logits, strict=True):
-            steps.setdefault(seq.seq_id, []).append(row.clone())
+            steps.setdefault(seq.request_id, []).append(row.clone())
         return logits
 
     free_before = llm.block_manager.num_free

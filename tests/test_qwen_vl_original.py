@@ -107,7 +107,7 @@ def test_matches_original_code(engines, photos, name, case):
     prompt = _prompt(case, photos)
 
     # tokens: the original tokenizer's ids (image spans, ChatML layout, history)
-    seq = llm._make_sequence(prompt, SamplingParams(max_tokens=1))
+    seq = llm.llm_engine._make_sequence("golden", prompt, SamplingParams(max_tokens=1))
     assert _without_paths(seq.prompt_token_ids) == _without_paths(case["input_ids"])
 
     # the whole prefill, at the sampled positions (computed in full: no prefix-cache match here)

@@ -11,7 +11,9 @@ at `slot_mapping` (slot = block * block_size + offset) and attention reads K/V t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,15 +26,20 @@ class AttentionMetadata:
     query_lens: list[int]  # new tokens per sequence, in packing order
     context_lens_list: list[int]  # context_lens on the host
     block_size: int
+    _memo: dict = field(default_factory=dict, repr=False)
 
     @property
     def is_prefill(self) -> bool:
         return any(q > 1 for q in self.query_lens)
 
+    def memo(self, key: str, make: Callable[[], Any]) -> Any:
+        """`make()` once per step: every layer's attention call reuses what the first one derived."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
-def split_step(meta: AttentionMetadata) -> tuple[list[tuple[int, int, int, int]], list[int], list[int]]:
-    """The step's prefilling sequences as (sequence, first packed row, query len, context len), and
-    its decoding ones as (packed rows, sequences): kernels take the two kinds separately."""
+
+def _split(meta: AttentionMetadata) -> tuple[list[tuple[int, int, int, int]], list[int], list[int]]:
     prefills, decode_rows, decode_seqs = [], [], []
     start = 0
     for i, (qlen, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_list, strict=True)):
@@ -43,6 +50,13 @@ def split_step(meta: AttentionMetadata) -> tuple[list[tuple[int, int, int, int]]
             prefills.append((i, start, qlen, ctx))
         start += qlen
     return prefills, decode_rows, decode_seqs
+
+
+def split_step(meta: AttentionMetadata) -> tuple[list[tuple[int, int, int, int]], list[int], list[int]]:
+    """The step's prefilling sequences as (sequence, first packed row, query len, context len), and
+    its decoding ones as (packed rows, sequences): kernels take the two kinds separately. Worked out
+    once per step."""
+    return meta.memo("split", lambda: _split(meta))
 
 
 class AttentionBackend(ABC):

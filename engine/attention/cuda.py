@@ -32,14 +32,22 @@ def varlen_inputs(q, k_cache, v_cache, meta: AttentionMetadata, prefills):
     """Packed inputs of a varlen attention call for the prefilling sequences `prefills` = [(sequence,
     first packed row, query len, context len)]: (q [tq, h, d], k [tk, h, d], v, cu_seqlens_q,
     cu_seqlens_k (int32, [n + 1]), max_seqlen_q, max_seqlen_k, rows of q and out)."""
-    rows = torch.cat([torch.arange(start, start + qlen, device=q.device) for _, start, qlen, _ in prefills])
+    rows, cu_q, cu_k = meta.memo("varlen", lambda: _varlen_layout(prefills, q.device))
     keys = torch.cat([gather_kv(k_cache, meta.block_tables[i], ctx) for i, _, _, ctx in prefills])
     values = torch.cat([gather_kv(v_cache, meta.block_tables[i], ctx) for i, _, _, ctx in prefills])
     qlens = [qlen for _, _, qlen, _ in prefills]
     ctxs = [ctx for _, _, _, ctx in prefills]
-    cu_q = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
-    cu_k = torch.tensor([0, *torch.tensor(ctxs).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
     return q[rows], keys, values, cu_q, cu_k, max(qlens), max(ctxs), rows
+
+
+def _varlen_layout(prefills, device):
+    """Packed rows of the prefilling queries and the cu_seqlens of queries and keys (once per step)."""
+    rows = torch.cat([torch.arange(start, start + qlen, device=device) for _, start, qlen, _ in prefills])
+    qlens = [qlen for _, _, qlen, _ in prefills]
+    ctxs = [ctx for _, _, _, ctx in prefills]
+    cu_q = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, *torch.tensor(ctxs).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return rows, cu_q, cu_k
 
 
 class CudaAttention(SDPAAttention):
@@ -59,13 +67,17 @@ class CudaAttention(SDPAAttention):
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, seqs: list[int]) -> torch.Tensor:
         if self.paged_decode is not None:
-            index = torch.tensor(seqs, device=q.device)
+            tables, lens = meta.memo("paged_decode", lambda: _decode_tables(meta, seqs, q.device))
             try:
-                return self.paged_decode(q.contiguous(), k_cache, v_cache, meta.block_tables[index],
-                                         meta.context_lens[index])  # fmt: skip
+                return self.paged_decode(q.contiguous(), k_cache, v_cache, tables, lens)
             except Exception as e:  # a Triton that cannot compile for this GPU: say so, keep running
                 logging.getLogger("engine").warning(
                     "Triton paged decode failed (%s: %s); decoding with SDPA from now on", type(e).__name__, e
                 )
                 self.paged_decode = None
         return super()._decode(q, k_cache, v_cache, meta, seqs)
+
+
+def _decode_tables(meta: AttentionMetadata, seqs: list[int], device):
+    index = torch.tensor(seqs, device=device)
+    return meta.block_tables[index], meta.context_lens[index]

@@ -29,13 +29,13 @@ def decode_args(q, k_cache, v_cache, meta: AttentionMetadata, seqs: list[int]) -
     """(positional, keyword) arguments of the paged decode call for sequences `seqs`; q: [n, heads, dim]."""
     n, heads, dim = q.shape
     blocks, block_size = k_cache.shape[:2]
-    index = torch.tensor(seqs, device=q.device)
+    table = meta.memo("npu_decode", lambda: meta.block_tables[torch.tensor(seqs, device=q.device)].to(torch.int32))
     kwargs = dict(
         num_heads=heads,
         num_key_value_heads=heads,
         scale=dim**-0.5,
         input_layout="BSH",
-        block_table=meta.block_tables[index].to(torch.int32),
+        block_table=table,
         actual_seq_lengths_kv=[meta.context_lens_list[i] for i in seqs],
         block_size=block_size,
     )
@@ -51,7 +51,8 @@ def prefill_args(q, k_cache, v_cache, meta: AttentionMetadata, prefills, mask) -
     """(positional, keyword, packed rows of q) of the TND prefill call for `prefills` = [(sequence,
     first packed row, query len, context len)]."""
     heads, dim = q.shape[1:]
-    rows = torch.cat([torch.arange(start, start + qlen, device=q.device) for _, start, qlen, _ in prefills])
+    rows = meta.memo("npu_rows", lambda: torch.cat([torch.arange(start, start + qlen, device=q.device)
+                                                    for _, start, qlen, _ in prefills]))  # fmt: skip
     keys = torch.cat([gather_kv(k_cache, meta.block_tables[i], ctx) for i, _, _, ctx in prefills])
     values = torch.cat([gather_kv(v_cache, meta.block_tables[i], ctx) for i, _, _, ctx in prefills])
     ends_q, ends_k, tq, tk = [], [], 0, 0

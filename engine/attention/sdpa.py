@@ -46,13 +46,18 @@ class SDPAAttention(AttentionBackend):
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, seqs: list[int]) -> torch.Tensor:
         """q: [n, heads, dim], one query per sequence -> [n, heads, dim]."""
-        block_size = k_cache.shape[1]
-        ctxs = [meta.context_lens_list[i] for i in seqs]
-        max_blocks = (max(ctxs) + block_size - 1) // block_size
-        tables = meta.block_tables[seqs][:, :max_blocks]  # [n, blocks]
+        tables, mask = meta.memo("sdpa_decode", lambda: _decode_inputs(meta, seqs, k_cache.shape[1], q.device))
         keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [n, heads, blocks * block_size, dim]
         values = v_cache[tables].flatten(1, 2).transpose(1, 2)
-        lens = torch.tensor(ctxs, device=q.device)
-        mask = torch.arange(keys.shape[2], device=q.device)[None, :] < lens[:, None]  # [n, keys]
-        o = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask[:, None, None, :])
+        o = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask)
         return o[:, :, 0, :]
+
+
+def _decode_inputs(meta: AttentionMetadata, seqs: list[int], block_size: int, device):
+    """The decoding sequences' block tables [n, blocks] and key padding mask [n, 1, 1, keys]."""
+    ctxs = [meta.context_lens_list[i] for i in seqs]
+    max_blocks = (max(ctxs) + block_size - 1) // block_size
+    tables = meta.block_tables[seqs][:, :max_blocks]
+    lens = torch.tensor(ctxs, device=device)
+    mask = torch.arange(max_blocks * block_size, device=device)[None, :] < lens[:, None]
+    return tables, mask[:, None, None, :]

@@ -1,1 +1,47 @@
-"""Model implementations (one folder per family)."""
+"""The model registry: config.json's `model_type` -> the model family that runs it. The only place
+the engine names a family; the core reaches models through `engine.models.base` alone."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+from ..errors import EngineError
+from .base import ModelFamily
+
+# model_type -> "module:class" of its family (imported when a checkpoint of that type is loaded)
+REGISTRY: dict[str, tuple[str, str]] = {
+    "qwen": ("engine.models.qwen_vl:QwenVLFamily", "Qwen-VL (Qwen/Qwen-VL, Qwen/Qwen-VL-Chat)"),
+}
+
+
+def supported() -> str:
+    return ", ".join(f"{t!r} = {what}" for t, (_, what) in REGISTRY.items())
+
+
+def read_config(model_path: Path) -> tuple[dict, Path]:
+    path = model_path / "config.json"
+    if not path.is_file():
+        raise EngineError(f"{path}: not found; a checkpoint folder has config.json, its tokenizer files and weights")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise EngineError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise EngineError(f"{path}: not UTF-8 text: {e}") from None
+    if not isinstance(raw, dict):
+        raise EngineError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    return raw, path
+
+
+def load_family(model_path: str | Path) -> ModelFamily:
+    """The family for the checkpoint in `model_path`, built from its config and tokenizer files."""
+    folder = Path(model_path)
+    raw, path = read_config(folder)
+    model_type = raw.get("model_type", "qwen")  # early Qwen-VL exports wrote none
+    if model_type not in REGISTRY:
+        raise EngineError(f"{path}: model_type {model_type!r} is not a model the engine runs (supported: {supported()})")
+    module, _, cls = REGISTRY[model_type][0].partition(":")
+    family = getattr(importlib.import_module(module), cls)
+    return family(folder, raw, path)

@@ -25,8 +25,7 @@ class EngineBackend(Backend):
     streams = True
 
     def __init__(self, model_cfg, device: str | None = None, tp: int = 1, batch_size: int = 1):
-        from engine import LLM
-        from engine.errors import EngineError
+        from engine import LLM, EngineError
 
         if tp != 1:
             raise ModelTestError("the engine runs on one device in this version; launch it without torchrun (--tp 1)")

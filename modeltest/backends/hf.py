@@ -24,7 +24,7 @@ class HFBackend(Backend):
         import transformers
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
-        from engine.device import DeviceError, resolve_device
+        from engine import DeviceError, resolve_device
 
         if tp != 1:
             raise ModelTestError("the hf backend runs on one device; use --backend engine for tensor parallel")

@@ -209,7 +209,7 @@ class ClipScorer:
         self.model_name = model_name
         self.device = torch.device(device)
         if self.device.type == "cpu":
-            from engine.device import keep_freed_host_memory
+            from ..host_memory import keep_freed_host_memory
 
             keep_freed_host_memory()  # the activations of each batch reuse the last one's pages
         self.precision = precision

@@ -9,7 +9,9 @@ names match its keys (`transformer.h.N.*`, `transformer.wte`, `lm_head`).
 - Dynamic NTK: the rotary base is stretched by alpha = max(2**ceil(log2(len/seq_length) + 1) - 1, 1)
   where len is the prompt length at prefill; the original keeps that alpha for the whole generation.
 
-Tokens from several sequences are packed along one dimension: x is [tokens, hidden].
+Tokens from several sequences are packed along one dimension: x is [tokens, hidden]. Each sequence
+has its own NTK factor (its request state); `step_context` builds the rotary cos/sin of every packed
+token with its sequence's factor, and the log-n factors, once per step for all layers.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...attention import AttentionBackend, AttentionMetadata
+from ..base import CausalLM
 from .config import QwenVLConfig
+from .processor import normalize
 from .vision import VisionTransformer
 
 LOGN_TABLE_LEN = 32767  # the original precomputes log-n factors for positions 1..32767
@@ -47,8 +51,20 @@ class RotaryEmbedding:
         return self._inv_freq[alpha]
 
     def __call__(self, positions: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq(alpha)[None, :]  # [tokens, dim/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [tokens, dim]
+        return self._cos_sin(positions.float()[:, None] * self.inv_freq(alpha)[None, :])
+
+    def packed(self, positions: torch.Tensor, token_seq: torch.Tensor, alphas: list[float]):
+        """cos/sin [tokens, dim] of packed tokens, each with its sequence's alpha (alphas[token_seq])."""
+        distinct = sorted(set(alphas))
+        if len(distinct) == 1:
+            return self(positions, distinct[0])
+        table = torch.stack([self.inv_freq(a) for a in distinct])  # [distinct alphas, dim/2]
+        which = torch.tensor([distinct.index(a) for a in alphas], device=positions.device)[token_seq]
+        return self._cos_sin(positions.float()[:, None] * table[which])
+
+    @staticmethod
+    def _cos_sin(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = torch.cat((freqs, freqs), dim=-1)  # freqs: [tokens, dim/2] -> emb: [tokens, dim]
         return emb.cos(), emb.sin()
 
 
@@ -79,11 +95,19 @@ class RMSNorm(nn.Module):
         return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-class StepInputs:
-    """What every layer needs for one forward step, built once by the model runner."""
+class StepContext:
+    """What every layer needs for one forward step, built once per step."""
 
-    def __init__(self, cos, sin, logn, meta: AttentionMetadata, attention: AttentionBackend):
-        self.cos, self.sin, self.logn, self.meta, self.attention = cos, sin, logn, meta, attention
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None):
+        self.cos, self.sin, self.logn = cos, sin, logn  # [tokens, rotary_dim] fp32 each; [tokens] fp32
+
+
+class StepInputs:
+    """A step's context with its attention metadata and backend, as the layers take them."""
+
+    def __init__(self, context: StepContext, meta: AttentionMetadata, attention: AttentionBackend):
+        self.cos, self.sin, self.logn = context.cos, context.sin, context.logn
+        self.meta, self.attention = meta, attention
 
 
 class QWenAttention(nn.Module):
@@ -140,32 +164,54 @@ class QWenModel(nn.Module):
         self.visual = VisionTransformer(cfg.visual)
 
 
-class QwenVLForCausalLM(nn.Module):
-    """The whole model. `forward` runs one packed step and returns the logits of the rows asked for."""
+class QwenVLForCausalLM(CausalLM):
+    """The whole model over one packed step: `forward` gives the last layer's hidden states (before the
+    final norm, which `compute_logits` applies to the rows that are sampled only)."""
 
     def __init__(self, cfg: QwenVLConfig):
         super().__init__()
         self.config = cfg
         self.transformer = QWenModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._rotary: RotaryEmbedding | None = None
+        self._logn: torch.Tensor | None = None
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[n, 3, H, W] -> [n, 256, hidden]."""
+        """Normalized pixels [n, 3, H, W] -> [n, 256, hidden]."""
         return self.transformer.visual(pixels)
+
+    def embed_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Resized uint8 pixels [3, H, W] each (what requests keep while they wait) -> [256, hidden] each,
+        in one vision-tower batch."""
+        device = self.lm_head.weight.device
+        return list(self.encode_images(normalize(torch.stack(images).to(device))).unbind(0))
+
+    def step_context(self, positions: torch.Tensor, token_seq: torch.Tensor, states: list[float]) -> StepContext:
+        """Rotary cos/sin with each sequence's NTK factor (`states`), and log-n factors, for the step."""
+        cfg, device = self.config, positions.device
+        if self._rotary is None or self._rotary.device != device:
+            self._rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rotary_emb_base, device)
+            self._logn = logn_table(cfg.seq_length, device) if cfg.use_logn_attn else None
+        cos, sin = self._rotary.packed(positions, token_seq, states)
+        return StepContext(cos, sin, self._logn[positions] if self._logn is not None else None)
 
     def forward(
         self,
         input_ids: torch.Tensor,  # [tokens]
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        step: StepInputs,
-        logits_rows: torch.Tensor,  # [n] rows of the packed tokens whose logits are returned
-        image_features: torch.Tensor | None = None,  # [n, hidden] (or [images, 256, hidden])
-        image_rows: torch.Tensor | None = None,  # [n] rows that take the image features, in order
+        attn_meta: AttentionMetadata,
+        context: StepContext,
+        attention: AttentionBackend,
+        image_features: torch.Tensor | None = None,  # [rows, hidden]
+        image_rows: torch.Tensor | None = None,  # [rows] packed rows that take the image features, in order
     ) -> torch.Tensor:
+        step = StepInputs(context, attn_meta, attention)
         x = self.transformer.wte(input_ids)  # [tokens, hidden]
         if image_features is not None:
             x[image_rows] = image_features.reshape(-1, x.shape[-1]).to(x.dtype)
         for layer, kv_cache in zip(self.transformer.h, kv_caches, strict=True):
             x = layer(x, kv_cache, step)
-        x = self.transformer.ln_f(x[logits_rows])
-        return self.lm_head(x)  # [n, vocab]
+        return x  # [tokens, hidden]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.transformer.ln_f(hidden))  # [rows, vocab]

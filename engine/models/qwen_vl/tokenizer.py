@@ -16,10 +16,12 @@ Facts carried over from the original:
 from __future__ import annotations
 
 import base64
+import codecs
 import unicodedata
 from pathlib import Path
 
 from ...errors import EngineError
+from ..base import Tokenizer, TokenStream
 
 PAT_STR = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -45,7 +47,7 @@ def load_tiktoken_bpe(path: str | Path) -> dict[bytes, int]:
     return ranks
 
 
-class QwenVLTokenizer:
+class QwenVLTokenizer(Tokenizer):
     def __init__(self, vocab_file: str | Path):
         import tiktoken
 
@@ -64,7 +66,10 @@ class QwenVLTokenizer:
         self.img_start_id = self.special_tokens["<img>"]
         self.img_end_id = self.special_tokens["</img>"]
         self.img_pad_id = self.special_tokens["<imgpad>"]
+        self.eos_token_id = self.eod_id
         self._token_bytes = {i: t for t, i in ranks.items()}
+        self._token_bytes.update({i: t.encode() for t, i in self.special_tokens.items()})
+        self._num_ranks = len(ranks)
 
     @property
     def vocab_size(self) -> int:
@@ -104,7 +109,7 @@ class QwenVLTokenizer:
         return out
 
     def _image_span(self, inner: list[int]) -> list[int]:
-        if any(i not in self._token_bytes for i in inner):
+        if any(i >= self._num_ranks for i in inner):
             raise EngineError("an image path may not contain special tokens")
         path = b"".join(self._token_bytes[i] for i in inner)
         if len(path) > IMG_SPAN:
@@ -120,11 +125,22 @@ class QwenVLTokenizer:
             spans.append((start, bytes(slots[:length]).decode("utf-8")))
         return spans
 
+    def span_path(self, inner: list[int], errors: str = "replace") -> str:
+        """The path an image span's slots hold (ids are byte values up to <imgpad>)."""
+        if self.img_pad_id in inner:
+            inner = inner[: inner.index(self.img_pad_id)]
+        return bytes(i for i in inner if i < 256).decode("utf-8", errors=errors)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """What one id decodes to outside an image span (ids past the vocabulary: nothing)."""
+        return self._token_bytes.get(token_id, b"")
+
+    def token_stream(self) -> QwenVLTokenStream:
+        return QwenVLTokenStream(self)
+
     def decode(self, ids: list[int], skip_special_tokens: bool = False, errors: str = "replace") -> str:
         def span_text(inner: list[int]) -> list[int]:
-            if self.img_pad_id in inner:
-                inner = inner[: inner.index(self.img_pad_id)]
-            path = bytes(i for i in inner if i < 256).decode("utf-8", errors=errors)
+            path = self.span_path(inner, errors)
             return [self.img_start_id, *self.encoding.encode(path, disallowed_special=()), self.img_end_id]
 
         # generated text may hold an unclosed <img>: it is decoded as it is
@@ -155,6 +171,44 @@ class QwenVLTokenizer:
             else:
                 raise EngineError(f"unsupported prompt part {part!r}; use image, text or box")
         return text
+
+
+class QwenVLTokenStream(TokenStream):
+    """Incremental `QwenVLTokenizer.decode` of generated ids: each id's bytes go through an incremental
+    UTF-8 decoder (a character split over two ids appears when complete). From an <img> on, ids are
+    held back: if a </img> follows, the slots between are an image path (ids read as byte values),
+    else (at the end) they decode as ordinary ids, exactly as `decode` of the whole output does."""
+
+    def __init__(self, tokenizer: QwenVLTokenizer):
+        self.tok = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.held: list[int] | None = None  # ids from an unclosed <img> on
+
+    def push(self, token_id: int) -> str:
+        tok = self.tok
+        if self.held is not None:
+            if token_id != tok.img_end_id:
+                self.held.append(token_id)
+                return ""
+            path = tok.span_path(self.held[1:])
+            self.held = None
+            return self.utf8.decode(b"<img>" + path.encode() + b"</img>")
+        if token_id == tok.img_start_id:
+            self.held = [token_id]
+            return ""
+        return self.utf8.decode(tok.token_bytes(token_id))
+
+    def _rest(self) -> bytes:
+        buffered = self.utf8.getstate()[0]
+        return buffered + b"".join(self.tok.token_bytes(i) for i in self.held or ())
+
+    def pending(self) -> str:
+        return self._rest().decode("utf-8", errors="replace")
+
+    def finish(self) -> str:
+        rest = self.utf8.decode(b"".join(self.tok.token_bytes(i) for i in self.held or ()), final=True)
+        self.held = None
+        return rest
 
 
 class _UnclosedSpan(Exception):

@@ -1,10 +1,17 @@
-"""Finds and loads a Qwen-VL checkpoint's tensors into a model built on the meta device.
+"""Finds a checkpoint's files and loads their tensors into a model built on the meta device, one
+parameter at a time through that parameter's loader.
 
 Formats, in order of preference: model.safetensors.index.json (+ shards), model.safetensors,
-pytorch_model.bin.index.json (+ shards), pytorch_model.bin. safetensors files are memory-mapped and
-tensors are read one at a time straight into place (a tensor already in the target dtype on the CPU
-is used in place, no copy); `.bin` files load only through `torch.load(weights_only=True, mmap=True)`,
-so no pickled code runs. Nothing from the model folder is imported.
+pytorch_model.bin.index.json (+ shards), pytorch_model.bin. safetensors files are memory-mapped;
+`.bin` files load only through `torch.load(weights_only=True, mmap=True)`, so no pickled code runs.
+Nothing from the model folder is imported.
+
+Each parameter is filled by `param.weight_loader(param, weight)` (vLLM's convention; a parameter
+without one takes the whole tensor: `default_weight_loader`). `weight` is a CheckpointTensor: a handle
+on one tensor of an open file that reads it whole (`load`) or only a slice (`narrow`: from a
+safetensors file, only that slice's bytes are read), already converted to the engine's dtype and
+device; a tensor already in the target dtype on the CPU is used in place, no copy. The model family
+maps checkpoint names to parameter names and says which tensors the model ignores.
 
 All key problems are found before any tensor is read and reported together: missing keys,
 unexpected keys, shape mismatches; GPTQ keys get their own message.
@@ -14,17 +21,15 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ...errors import EngineError
+from .errors import EngineError
 
-# buffers some exports carry that the original model ignores on load
-IGNORED_SUFFIXES = (".attn.masked_bias", ".attn.bias", ".rotary_emb.inv_freq")
 GPTQ_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 SHOWN = 8
 
@@ -92,6 +97,9 @@ class _SafetensorsView:
     def get(self, key):
         return self.f.get_tensor(key)
 
+    def get_slice(self, key, index: tuple):
+        return self.f.get_slice(key)[index]
+
 
 class _DictView:
     def __init__(self, state):
@@ -106,20 +114,62 @@ class _DictView:
     def get(self, key):
         return self.state[key]
 
+    def get_slice(self, key, index: tuple):
+        return self.state[key][index]
 
-def check_keys(files: list[Path], expected: dict[str, tuple]) -> dict[str, Path]:
-    """{key: file} for every expected key; one EngineError that lists every problem otherwise."""
+
+class CheckpointTensor:
+    """One tensor of an open checkpoint file, delivered in the engine's dtype on its device."""
+
+    def __init__(self, view, key: str, dtype: torch.dtype, device: str):
+        self.view, self.key, self.dtype, self.device = view, key, dtype, device
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.view.shape(self.key)
+
+    def load(self) -> torch.Tensor:
+        """The whole tensor."""
+        return self.view.get(self.key).to(device=self.device, dtype=self.dtype)
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        """tensor.narrow(dim, start, length), reading only that part of a safetensors file."""
+        index = (slice(None),) * dim + (slice(start, start + length),)
+        return self.view.get_slice(self.key, index).to(device=self.device, dtype=self.dtype)
+
+
+def set_weight(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Fill `param` with `value`: a parameter still on the meta device becomes `value` itself (same
+    object, so every module holding it sees it; no copy); a materialized one is copied into."""
+    if param.is_meta:
+        attrs = dict(param.__dict__)  # swap_tensors swaps them too: keep the loader and its settings
+        torch.utils.swap_tensors(param, nn.Parameter(value, requires_grad=False))
+        param.__dict__.update(attrs)
+    else:
+        param.data.copy_(value)
+
+
+def default_weight_loader(param: nn.Parameter, weight: CheckpointTensor) -> None:
+    set_weight(param, weight.load())
+
+
+def check_keys(files: list[Path], expected: dict[str, tuple], rename: Callable[[str], str | None]) -> dict[str, Path]:
+    """{parameter: file} for every expected parameter; one EngineError that lists every problem
+    otherwise. `rename` maps a checkpoint key to its parameter (None: a tensor the model ignores)."""
     where: dict[str, Path] = {}
     shapes: dict[str, tuple] = {}
+    raw: list[str] = []
     for path in files:
         with _open(path) as view:
             for key in view.keys():
-                if key.endswith(IGNORED_SUFFIXES):
+                raw.append(key)
+                name = rename(key)
+                if name is None:
                     continue
-                where[key] = path
-                shapes[key] = view.shape(key)
+                where[name] = path
+                shapes[name] = view.shape(key)
     folder = files[0].parent
-    gptq = sorted(k for k in where if k.endswith(GPTQ_SUFFIXES))
+    gptq = sorted(k for k in raw if k.endswith(GPTQ_SUFFIXES))
     if gptq:
         raise EngineError(
             f"{folder}: this is a GPTQ-quantized checkpoint ({gptq[0]}, ...); quantized checkpoints are not "
@@ -145,26 +195,41 @@ def check_keys(files: list[Path], expected: dict[str, tuple]) -> dict[str, Path]
     return where
 
 
-def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(
+    files: list[Path], rename: Callable[[str], str | None], dtype: torch.dtype, device: str
+) -> Iterator[tuple[str, CheckpointTensor]]:
+    """(parameter name, handle) for every tensor the model takes, file by file; each handle is valid
+    until the next one is yielded from another file."""
     for path in files:
         with _open(path) as view:
             for key in view.keys():
-                if not key.endswith(IGNORED_SUFFIXES):
-                    yield key, view.get(key)
+                name = rename(key)
+                if name is not None:
+                    yield name, CheckpointTensor(view, key, dtype, device)
 
 
-def load_weights(model: nn.Module, model_path: str | Path, dtype: torch.dtype, device: str, progress: bool = False) -> None:
-    """Fill a meta-device `model` with the checkpoint's tensors, converted to dtype, on device."""
+def load_weights(
+    model: nn.Module,
+    model_path: str | Path,
+    dtype: torch.dtype,
+    device: str,
+    rename: Callable[[str], str | None],
+    progress: bool = False,
+) -> None:
+    """Fill a meta-device `model` with the checkpoint's tensors, converted to dtype, on device, each
+    through its parameter's weight_loader. A parameter's `checkpoint_shape` (when its loader takes
+    a slice or reshapes) is the shape the checkpoint must have; else the parameter's own."""
     from tqdm import tqdm
 
     files = checkpoint_files(model_path)
     params = dict(model.named_parameters())
-    check_keys(files, {name: tuple(p.shape) for name, p in params.items()})
+    check_keys(files, {name: tuple(getattr(p, "checkpoint_shape", p.shape)) for name, p in params.items()}, rename)
     bar = tqdm(total=len(params), desc="loading weights", unit="tensor", disable=not progress)
-    for name, tensor in iter_checkpoint(files):
-        module_name, _, leaf = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        value = tensor.to(device=device, dtype=dtype)
-        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    for name, weight in iter_checkpoint(files, rename, dtype, device):
+        param = params[name]
+        getattr(param, "weight_loader", default_weight_loader)(param, weight)
         bar.update()
     bar.close()
+    left = [name for name, p in model.named_parameters() if p.is_meta]
+    if left:  # a loader that did not fill its parameter: a bug, not the user's
+        raise RuntimeError(f"parameters left unloaded: {', '.join(left[:SHOWN])}")

@@ -1,4 +1,4 @@
-"""The prompt forms `LLM.generate` accepts, rendered into Qwen-VL token ids the way the original does.
+"""The prompt forms Qwen-VL takes, rendered into token ids the way the original does.
 
 (a) a raw query string with `<img>path</img>` spans (the original tokenizer's convention);
 (b) a list of parts `{"image": path | PIL.Image}` / `{"text": str}` / `{"ref", "box"}`, rendered by
@@ -7,7 +7,9 @@
     user turn, rendered in ChatML by the original `make_context` (default system prompt, history
     dropped oldest-first beyond max_window_size); generation stops on <|im_end|> / <|im_start|>;
 (d) vLLM's `{"prompt": str, "multi_modal_data": {"image": image | [images]}}`: the prompt's
-    `<img>...</img>` spans take the given images (paths or PIL) in order.
+    `<img>...</img>` spans take the given images (paths or PIL) in order;
+(e) vLLM's `{"prompt_token_ids": [...]}` (optionally with multi_modal_data): ids as the tokenizer
+    makes them, image spans included (<img>, 256 slots holding the path's bytes then <imgpad>, </img>).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .errors import EngineError
-from .models.qwen_vl.tokenizer import IMAGE_TAGS, QwenVLTokenizer
+from ...errors import EngineError
+from .tokenizer import IMAGE_TAGS, IMG_SPAN, QwenVLTokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 MAX_WINDOW_SIZE = 6144  # the original chat's history budget in tokens
@@ -59,18 +61,6 @@ class _Images:
             raise EngineError("a prompt's parts must be a list of {'image': ...} / {'text': ...} dicts")
         named = [{**p, "image": self.label(p["image"])} if "image" in p else p for p in parts]
         return QwenVLTokenizer.from_list_format(named)
-
-
-def is_single_prompt(prompt) -> bool:
-    """Whether `prompt` is one prompt (as opposed to a list of prompts)."""
-    if isinstance(prompt, (str, dict)):
-        return True
-    return (
-        isinstance(prompt, list)
-        and bool(prompt)
-        and all(isinstance(p, dict) and "prompt" not in p for p in prompt)
-        and all({"role", "image", "text", "box", "ref"} & set(p) for p in prompt)
-    )
 
 
 def _chat_tokens(tokenizer: QwenVLTokenizer, messages: list, images: _Images) -> tuple[str, list[int]]:
@@ -130,10 +120,19 @@ def render_prompt(tokenizer: QwenVLTokenizer, prompt) -> RenderedPrompt:
         text = prompt
         ids = tokenizer.encode(text)
     elif isinstance(prompt, dict):
-        if not isinstance(prompt.get("prompt"), str):
-            raise EngineError("a dict prompt needs 'prompt' (a string) and optionally 'multi_modal_data'")
-        text = prompt["prompt"]
-        ids = tokenizer.encode(text)
+        if "prompt_token_ids" in prompt:
+            if "prompt" in prompt:
+                raise EngineError("a dict prompt gives 'prompt' or 'prompt_token_ids', not both")
+            ids = _token_ids(tokenizer, prompt["prompt_token_ids"])
+            text = tokenizer.decode(ids)
+        elif isinstance(prompt.get("prompt"), str):
+            text = prompt["prompt"]
+            ids = tokenizer.encode(text)
+        else:
+            raise EngineError(
+                "a dict prompt needs 'prompt' (a string) or 'prompt_token_ids' (a list of ids), and optionally "
+                "'multi_modal_data'"
+            )
         data = prompt.get("multi_modal_data") or {}
         unknown = set(data) - {"image"}
         if unknown:
@@ -149,7 +148,7 @@ def render_prompt(tokenizer: QwenVLTokenizer, prompt) -> RenderedPrompt:
     else:
         raise EngineError(
             f"unsupported prompt {str(prompt)[:80]!r}: use a string, a list of image/text parts, chat messages, "
-            "or {'prompt': ..., 'multi_modal_data': {'image': ...}}"
+            "{'prompt': ..., 'multi_modal_data': {'image': ...}} or {'prompt_token_ids': [...]}"
         )
     spans = tokenizer.image_paths(ids)
     if given is not None:
@@ -163,3 +162,32 @@ def render_prompt(tokenizer: QwenVLTokenizer, prompt) -> RenderedPrompt:
     if not ids:
         raise EngineError("empty prompt")
     return RenderedPrompt(text, ids, sources, [pos for pos, _ in spans], is_chat)
+
+
+def _token_ids(tokenizer: QwenVLTokenizer, ids) -> list[int]:
+    """Checked token ids: known ids, and image spans as the tokenizer writes them."""
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise EngineError("prompt_token_ids must be a list of integers")
+    bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
+    if bad is not None:
+        raise EngineError(f"prompt_token_ids: {bad} is not a token id (the vocabulary has {tokenizer.vocab_size})")
+    for pos in (i for i, t in enumerate(ids) if t == tokenizer.img_start_id):
+        slots = ids[pos + 1 : pos + 1 + IMG_SPAN]
+        path_len = slots.index(tokenizer.img_pad_id) if tokenizer.img_pad_id in slots else len(slots)
+        ok = (
+            len(slots) == IMG_SPAN
+            and pos + 1 + IMG_SPAN < len(ids)
+            and ids[pos + 1 + IMG_SPAN] == tokenizer.img_end_id
+            and all(t < 256 for t in slots[:path_len])
+            and all(t == tokenizer.img_pad_id for t in slots[path_len:])
+        )
+        if not ok:
+            raise EngineError(
+                f"prompt_token_ids: the image span at position {pos} is not <img>, {IMG_SPAN} slots (the path's "
+                "bytes, then <imgpad>), </img>; encode the prompt with the model's tokenizer"
+            )
+        try:
+            bytes(slots[:path_len]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise EngineError(f"prompt_token_ids: the image span at position {pos} holds a path that is not UTF-8") from None
+    return list(ids)
