@@ -126,21 +126,22 @@ def make_prompts(tokenizer, photos: list[str], batch: int, prompt_tokens: int, w
 def timed_generate(llm, prompts, params):
     """(outputs, wall seconds, [seconds of each engine step])."""
     steps: list[float] = []
-    engine_step = llm.step
+    engine = llm.llm_engine
+    engine_step = engine.step
 
     def step():
         t0 = time.perf_counter()
-        finished = engine_step()
+        outputs = engine_step()
         steps.append(time.perf_counter() - t0)
-        return finished
+        return outputs
 
-    llm.step = step
+    engine.step = step
     try:
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - start
     finally:
-        del llm.step
+        del engine.step
     return outputs, wall, steps
 
 

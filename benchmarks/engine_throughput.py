@@ -430,15 +430,10 @@ def run_engine(llm, wl: Workload, phase: Phase, batch: int) -> Result:
 
 
 def cache_counters(llm) -> dict[str, int]:
-    """The engine's cache counters where this version has them (diagnostics only, not its API)."""
-    out = {}
-    hits = getattr(getattr(llm, "block_manager", None), "hit_tokens", None)
-    if isinstance(hits, int):
-        out["prefix_hit_tokens"] = hits
-    cache = getattr(getattr(llm, "runner", None), "image_cache", None)
-    if isinstance(getattr(cache, "hits", None), int) and isinstance(getattr(cache, "misses", None), int):
-        out["image_hits"], out["image_misses"] = cache.hits, cache.misses
-    return out
+    """The engine's cache counters (LLMEngine.stats)."""
+    stats = llm.llm_engine.stats()
+    return {"prefix_hit_tokens": stats.prefix_cache_hit_tokens, "image_hits": stats.image_cache_hits,
+            "image_misses": stats.image_cache_misses}  # fmt: skip
 
 
 class FirstCall:

@@ -36,8 +36,8 @@ class StepInputs:
     logits_indices: torch.Tensor  # [rows]: packed rows whose logits are returned
     attn: AttentionMetadata
     images: list[ImageSpan]  # the images with slots among the new tokens, in order
-    image_rows: list[int]  # packed rows that take image features
-    feature_rows: list[int]  # rows of the images' concatenated features they take
+    image_rows: torch.Tensor | None  # [rows] packed rows that take image features
+    feature_rows: torch.Tensor | None  # [rows] rows of the images' concatenated features they take (None: all)
 
 
 class ModelRunner:
@@ -99,9 +99,10 @@ class ModelRunner:
         slots = tables[token_seq, positions // bs] * bs + positions % bs
         logits_indices = np.arange(total, dtype=np.int64) if all_rows else offsets + qlens - 1
 
+        # pieces of image spans among the new tokens: (first packed row, first feature row, length)
         images: list[ImageSpan] = []
-        image_rows: list[int] = []
-        feature_rows: list[int] = []
+        pieces: list[tuple[int, int, int]] = []
+        features = 0  # rows of the step's images' concatenated features so far
         for i, s in enumerate(seqs):
             if not s.images or qlens[i] == 1 and s.num_cached >= s.images[-1].start + s.images[-1].length:
                 continue
@@ -109,10 +110,16 @@ class ModelRunner:
             for image in s.images:
                 first, end = max(image.start, start), image.start + image.length
                 if first < end:  # a cached prefix may hold the span's first slots already
-                    base = sum(im.length for im in images) - image.start
                     images.append(image)
-                    image_rows.extend(range(first + shift, end + shift))
-                    feature_rows.extend(range(first + base, end + base))
+                    pieces.append((first + shift, features + first - image.start, end - first))
+                    features += image.length
+        image_rows = feature_rows = None
+        if pieces:
+            rows0, feats0, lengths = (np.array(x, dtype=np.int64) for x in zip(*pieces, strict=True))
+            within = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            image_rows = self._to_device(np.repeat(rows0, lengths) + within)
+            if int(lengths.sum()) < features:  # some spans start inside a cached prefix
+                feature_rows = self._to_device(np.repeat(feats0, lengths) + within)
 
         meta = AttentionMetadata(
             slot_mapping=self._to_device(slots),
@@ -135,12 +142,13 @@ class ModelRunner:
 
     def execute(self, step: StepInputs, seqs: list[Sequence]) -> torch.Tensor:
         context = self.model.step_context(step.positions, step.token_seq, [s.state for s in seqs])
-        features = rows = None
+        features = None
         if step.images:
-            index = torch.tensor(step.feature_rows, device=self.device)
-            features = torch.cat(self._image_features(step.images))[index]  # [rows, hidden]
-            rows = torch.tensor(step.image_rows, device=self.device)
-        hidden = self.model(step.input_ids, self.kv_caches, step.attn, context, self.attention, features, rows)
+            features = torch.cat(self._image_features(step.images))  # [rows, hidden]
+            if step.feature_rows is not None:
+                features = features[step.feature_rows]
+        hidden = self.model(step.input_ids, self.kv_caches, step.attn, context, self.attention, features,
+                            step.image_rows)  # fmt: skip
         logits = self.model.compute_logits(hidden[step.logits_indices])
         for seq, ctx in zip(seqs, step.attn.context_lens_list, strict=True):
             seq.num_cached = ctx

@@ -8,7 +8,8 @@ is in the batch). Logprobs are taken from the model's raw distribution (log_soft
 The sampler works on the whole step at once: each kind of processing is one set of tensor
 operations over the rows that need it, whatever mix of settings the batch holds; a batch of plain
 greedy rows is one argmax. Sampled rows draw one uniform number each from their own generator and
-pick by inverse CDF over their processed distribution, all rows in one pass.
+pick by inverse CDF over their processed distribution, all rows in one pass; top-k / top-p rows are
+decided on their most likely ids (one topk) instead of a sort of the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -133,14 +134,20 @@ class Sampler:
         device = logits.device
         temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype, device=device)
         logits = logits / temps[:, None]
-        top_k = [s.params.top_k for s in seqs]
-        if any(top_k):
-            logits = apply_top_k(logits, top_k)
-        top_p = [s.params.top_p for s in seqs]
-        if any(p < 1.0 for p in top_p):
-            logits = apply_top_p(logits, top_p)
-        probs = torch.softmax(logits, dim=-1)
-        return inverse_cdf(probs, self._uniforms(seqs).to(device))
+        u = self._uniforms(seqs).to(device)
+        top_k, top_p = [s.params.top_k for s in seqs], [s.params.top_p for s in seqs]
+        filtered = [i for i, (k, p) in enumerate(zip(top_k, top_p, strict=True)) if k > 0 or p < 1.0]
+        if not filtered:
+            return inverse_cdf(torch.softmax(logits, dim=-1), u)
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=device)
+        plain = [i for i in range(len(seqs)) if i not in set(filtered)]
+        if plain:
+            rows = torch.tensor(plain, device=device)
+            tokens[rows] = inverse_cdf(torch.softmax(logits[rows], dim=-1), u[rows])
+        rows = _index(filtered, len(seqs), device)
+        tokens[rows] = sample_top_k_top_p(logits[rows], [top_k[i] for i in filtered], [top_p[i] for i in filtered],
+                                          u[rows])  # fmt: skip
+        return tokens
 
     def _uniforms(self, seqs: list[Sequence]) -> torch.Tensor:
         """One U[0, 1) per row: from the request's own generator, else from the engine's."""
@@ -189,6 +196,8 @@ def mask_end_tokens(logits: torch.Tensor, seqs: list[Sequence], rows: list[int])
 def apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     """Keep each row's k largest logits (k = 0: all), ties with the k-th included."""
     vocab = logits.shape[-1]
+    if not any(top_k):
+        return logits
     ks = [min(k, vocab) if k > 0 else vocab for k in top_k]
     values = torch.topk(logits, max(ks), dim=-1).values  # [rows, kmax], descending
     kth = values.gather(1, torch.tensor(ks, device=logits.device)[:, None] - 1)
@@ -200,6 +209,8 @@ def apply_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     """transformers' TopPLogitsWarper per row: drop the low tail whose probability mass is <= 1 - top_p,
     keeping at least the most likely token. Rows with top_p 1 are left as they are."""
     rows = [i for i, p in enumerate(top_p) if p < 1.0]
+    if not rows:
+        return logits
     index = _index(rows, len(top_p), logits.device)
     part = logits[index]
     sorted_logits, order = torch.sort(part, descending=False, dim=-1)
@@ -215,12 +226,62 @@ def apply_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     return logits
 
 
+TOP_P_CANDIDATES = 1024  # a top-p row is decided among its most likely ids when they hold top_p of its mass
+
+
+def sample_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float], u: torch.Tensor) -> torch.Tensor:
+    """Draws for rows with top-k and/or top-p: the same distribution as masking the whole vocabulary
+    (apply_top_k, then apply_top_p, then softmax), without sorting it (see top_k_top_p_candidates)."""
+    cand_ids, probs, slow = top_k_top_p_candidates(logits, top_k, top_p)
+    tokens = cand_ids.gather(1, inverse_cdf(probs, u)[:, None]).squeeze(1)
+    if slow:
+        full = logits[slow]
+        full = apply_top_p(apply_top_k(full, [top_k[r] for r in slow]), [top_p[r] for r in slow])
+        tokens[slow] = inverse_cdf(torch.softmax(full, dim=-1), u[slow])
+    return tokens
+
+
+def top_k_top_p_candidates(
+    logits: torch.Tensor, top_k: list[int], top_p: list[float]
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Each row's most likely ids (its top k; at least TOP_P_CANDIDATES when it has top-p only), taken
+    once with topk, and their probabilities after top-k and top-p (0 for the ids these drop; rows
+    unnormalized): (ids [rows, n], probs [rows, n] float64, rows the candidates cannot decide). A
+    row is undecided when ties with its k-th value reach past its candidates, or (top-p only) when
+    they hold less than top_p of its probability; those rows need the whole vocabulary."""
+    vocab = logits.shape[-1]
+    device = logits.device
+    k_cand = min(vocab, max(top_k) if all(top_k) else max(max(top_k), TOP_P_CANDIDATES))
+    values, ids = torch.topk(logits, min(vocab, k_cand + 1), dim=-1)  # descending; one extra to see ties
+    cand, cand_ids = values[:, :k_cand], ids[:, :k_cand]
+    has_k = torch.tensor([k > 0 for k in top_k], device=device)
+    k_idx = torch.tensor([min(k, vocab) if k > 0 else k_cand for k in top_k], device=device)
+    kth = cand.gather(1, k_idx[:, None] - 1)  # [rows, 1]
+    keep = cand >= kth  # top-k, ties with the k-th value included; all candidates for top-p-only rows
+    # probabilities: over the kept top k, or (top-p only) over the whole vocabulary
+    lse = torch.logsumexp(cand.masked_fill(~keep, float("-inf")), dim=-1)
+    if not bool(has_k.all()):
+        lse = torch.where(has_k, lse, torch.logsumexp(logits, dim=-1))
+    probs = torch.exp((cand - lse[:, None]).double()).masked_fill(~keep, 0.0)
+    p = torch.tensor(top_p, dtype=torch.float64, device=device)[:, None]
+    before = probs.cumsum(dim=-1) - probs  # mass of the more likely candidates
+    keep &= (before < p) | (p >= 1.0)  # transformers' top-p: the low tail whose mass is <= 1 - top_p goes
+    slow: list[int] = []
+    if k_cand < vocab:
+        ties = has_k & (values[:, k_cand] == kth[:, 0])
+        short = ~has_k & (probs.sum(dim=-1) < p[:, 0])
+        slow = (ties | short).nonzero().flatten().tolist()
+    return cand_ids, probs * keep, slow
+
+
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """For each row, the first id whose cumulative probability exceeds u x the row's total: a draw
-    from the row's distribution (an id of probability 0 is never picked)."""
+    """For each row of (unnormalized) probabilities, the first id whose cumulative probability exceeds
+    u x the row's total: a draw from the row's distribution (an id of probability 0 is never picked)."""
     cdf = probs.double().cumsum(dim=-1)  # [rows, vocab]
-    target = (u * cdf[:, -1])[:, None]
-    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+    total = cdf[:, -1:].contiguous()
+    picked = torch.searchsorted(cdf, u[:, None].double() * total, right=True)
+    last = torch.searchsorted(cdf, total)  # the last id with probability > 0 (u x total may round to total)
+    return torch.minimum(picked, last).squeeze(1)
 
 
 def top_logprobs(logp: torch.Tensor, chosen: torch.Tensor, ks: list[int]) -> list[dict[int, float]]:

@@ -153,6 +153,70 @@ def test_bf16_checkpoint_as_float32_and_fp32_checkpoint_as_bfloat16(qwen_vl_ckpt
     assert len(tokens[0]) == 4 and torch.isfinite(logits[0]).all()
 
 
+# ---- per-parameter loaders -----------------------------------------------------------------------------
+
+C_ATTN = "transformer.h.0.attn.c_attn.weight"
+
+
+def _meta_model(folder):
+    from engine.models import load_family
+
+    family = load_family(folder)
+    with torch.device("meta"):
+        return family, family.build_model()
+
+
+def test_a_parameter_loads_through_its_own_weight_loader(qwen_vl_ckpt, state):
+    from engine.loader import load_weights, set_weight
+
+    family, model = _meta_model(qwen_vl_ckpt)
+    param = dict(model.named_parameters())[C_ATTN]
+    calls = []
+
+    def by_parts(p, weight):  # q, k and v as three slices of the fused tensor
+        calls.append(weight.shape)
+        rows = weight.shape[0] // 3
+        set_weight(p, torch.cat([weight.narrow(0, i * rows, rows) for i in range(3)]))
+
+    param.weight_loader = by_parts
+    load_weights(model, qwen_vl_ckpt, torch.float32, "cpu", family.checkpoint_name)
+    assert calls == [tuple(state[C_ATTN].shape)]
+    loaded = dict(model.named_parameters())
+    assert loaded[C_ATTN] is param and param.weight_loader is by_parts and not param.requires_grad
+    assert all(torch.equal(p, state[name]) for name, p in loaded.items())
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_a_loader_takes_a_slice_without_reading_the_whole_tensor(qwen_vl_ckpt, state, tmp_path, monkeypatch, fmt):
+    """What a tensor-parallel rank does: its parameter is a slice of the checkpoint's tensor (declared by
+    checkpoint_shape), and from a safetensors file only that slice is read."""
+    import engine.loader as loader
+
+    folder = qwen_vl_ckpt
+    if fmt == "bin":
+        folder = make_folder(tmp_path / "bin", qwen_vl_ckpt)
+        write_state_dict(folder, state, "bin", 1)
+    family, model = _meta_model(folder)
+    attn = model.get_submodule(C_ATTN.rpartition(".")[0])
+    full = state[C_ATTN].shape
+    half = full[0] // 2
+    attn.weight = torch.nn.Parameter(torch.empty(half, full[1], device="meta"), requires_grad=False)
+    attn.weight.checkpoint_shape = full
+    attn.weight.weight_loader = lambda p, weight: loader.set_weight(p, weight.narrow(0, half, half))
+    read_whole = []
+    real_get = loader._SafetensorsView.get
+    monkeypatch.setattr(loader._SafetensorsView, "get", lambda view, key: read_whole.append(key) or real_get(view, key))
+    loader.load_weights(model, folder, torch.float32, "cpu", family.checkpoint_name)
+    assert torch.equal(attn.weight, state[C_ATTN][half:])
+    if fmt == "safetensors":
+        assert C_ATTN not in read_whole and len(read_whole) == len(state) - 1
+    with pytest.raises(EngineError, match=r"shape mismatches: transformer.h.0.attn.c_attn.weight: checkpoint \[384, 128\], model \[192, 128\]"):
+        family, model = _meta_model(folder)
+        attn = model.get_submodule(C_ATTN.rpartition(".")[0])
+        attn.weight = torch.nn.Parameter(torch.empty(half, full[1], device="meta"), requires_grad=False)
+        loader.load_weights(model, folder, torch.float32, "cpu", family.checkpoint_name)  # no checkpoint_shape
+
+
 # ---- broken checkpoints -----------------------------------------------------------------------------
 
 

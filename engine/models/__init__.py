@@ -4,11 +4,10 @@ the engine names a family; the core reaches models through `engine.models.base` 
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 from ..errors import EngineError
-from .base import ModelFamily
+from .base import ModelFamily, read_config
 
 # model_type -> "module:class" of its family (imported when a checkpoint of that type is loaded)
 REGISTRY: dict[str, tuple[str, str]] = {
@@ -18,21 +17,6 @@ REGISTRY: dict[str, tuple[str, str]] = {
 
 def supported() -> str:
     return ", ".join(f"{t!r} = {what}" for t, (_, what) in REGISTRY.items())
-
-
-def read_config(model_path: Path) -> tuple[dict, Path]:
-    path = model_path / "config.json"
-    if not path.is_file():
-        raise EngineError(f"{path}: not found; a checkpoint folder has config.json, its tokenizer files and weights")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EngineError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise EngineError(f"{path}: not UTF-8 text: {e}") from None
-    if not isinstance(raw, dict):
-        raise EngineError(f"{path}: expected a JSON object, found {type(raw).__name__}")
-    return raw, path
 
 
 def load_family(model_path: str | Path) -> ModelFamily:

@@ -19,6 +19,7 @@ number of tokens per image simply returns spans of different lengths.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from ..errors import EngineError
 
 
 @dataclass
@@ -166,3 +169,19 @@ class ModelFamily(ABC):
     def warmup_prompt(self, num_tokens: int, index: int) -> ProcessedPrompt:
         """A prompt of exactly num_tokens ids for the warm-up step, starting with a blank image of
         the largest size when it fits (index tells prompts apart)."""
+
+
+def read_config(model_path: Path) -> tuple[dict, Path]:
+    """A checkpoint folder's config.json as a dict, and its path; EngineError names what is wrong."""
+    path = model_path / "config.json"
+    if not path.is_file():
+        raise EngineError(f"{path}: not found; a checkpoint folder has config.json, its tokenizer files and weights")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise EngineError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise EngineError(f"{path}: not UTF-8 text: {e}") from None
+    if not isinstance(raw, dict):
+        raise EngineError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    return raw, path

@@ -6,7 +6,6 @@ probabilities, flash-attention switches) does not change what the model computes
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -122,13 +121,9 @@ class QwenVLConfig:
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path) -> QwenVLConfig:
-        path = Path(model_path) / "config.json"
-        if not path.is_file():
-            raise EngineError(f"{path}: not found; a Qwen-VL checkpoint folder has config.json, qwen.tiktoken and weights")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise EngineError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        from ..base import read_config
+
+        raw, path = read_config(Path(model_path))
         return cls.from_dict(raw, str(path))
 
 

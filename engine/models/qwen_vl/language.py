@@ -16,6 +16,7 @@ token with its sequence's factor, and the log-n factors, once per step for all l
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -68,10 +69,15 @@ class RotaryEmbedding:
         return emb.cos(), emb.sin()
 
 
+@functools.lru_cache(maxsize=4)
+def _logn_values(seq_length: int) -> torch.Tensor:
+    values = [math.log(i, seq_length) if i > seq_length else 1 for i in range(1, LOGN_TABLE_LEN + 1)]
+    return torch.tensor(values)
+
+
 def logn_table(seq_length: int, device) -> torch.Tensor:
     """[LOGN_TABLE_LEN] fp32: log_{seq_length}(p + 1) for position p past seq_length, else 1."""
-    values = [math.log(i, seq_length) if i > seq_length else 1 for i in range(1, LOGN_TABLE_LEN + 1)]
-    return torch.tensor(values, device=device)
+    return _logn_values(seq_length).to(device)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
