@@ -64,6 +64,38 @@ def _reference(tok, ids: list[int], stop: list[str]) -> tuple[int, str]:
     return len(ids), tok.decode(ids)
 
 
+def _step_by_step(tok, ids: list[int], stop: list[str]) -> tuple[int, str, list[str]]:
+    """As the engine runs it: push, look for a stop string, stop. (tokens used, text, what a streaming
+    consumer saw after each step), checking the streamed text only ever grows."""
+    detok = Detokenizer(tok.token_stream(), stop)
+    streamed = [""]
+    for used, token in enumerate(ids, 1):
+        detok.push(token)
+        hit = detok.find_stop()
+        if hit is not None:
+            detok.finish(cut=hit[0])
+            return used, detok.text, streamed
+        visible = detok.visible_text(finished=False)
+        assert visible.startswith(streamed[-1])
+        streamed.append(visible)
+    detok.finish()
+    assert detok.visible_text(finished=True) == detok.text
+    return len(ids), detok.text, streamed
+
+
+def _byte_ids(tok, text: str) -> list[int]:
+    """`text` as one id per UTF-8 byte: every multi-byte character split over several ids."""
+    return [tok.encoding.encode_single_token(bytes([b])) for b in text.encode()]
+
+
+def test_a_stop_string_ending_in_a_split_character_is_found(tok):
+    """While a character is incomplete the text shown for it is provisional (U+FFFD): the search must
+    look at that stretch again once the character is whole."""
+    for stop in (["a😀"], ["😀y"], ["你😀"]):
+        ids = tok.encode("xa") + _byte_ids(tok, "😀") + tok.encode("yz") + _byte_ids(tok, "你😀") + tok.encode("!")
+        assert _step_by_step(tok, ids, stop)[:2] == _reference(tok, ids, stop)
+
+
 def test_stop_strings_on_new_text_match_a_whole_text_search(tok):
     rng = random.Random(1)
     pieces = ["ab", "a", "b", " ", "\n", "ba", "é", "你", "ab\n", "xyz"]
@@ -73,21 +105,8 @@ def test_stop_strings_on_new_text_match_a_whole_text_search(tok):
         ids = tok.encode("".join(rng.choice(pieces) for _ in range(rng.randrange(3, 25))))
         stop = rng.choice(stops)
         want_n, want_text = _reference(tok, ids, stop)
-        detok = Detokenizer(tok.token_stream(), stop)
-        streamed, used = "", len(ids)
-        for n, token in enumerate(ids, 1):
-            detok.push(token)
-            hit = detok.find_stop()
-            if hit is not None:
-                detok.finish(cut=hit[0])
-                used = n
-                break
-            visible = detok.visible_text(finished=False)
-            assert visible.startswith(streamed)
-            streamed = visible
-        else:
-            detok.finish()
-        assert (used, detok.text) == (want_n, want_text), (ids, stop)
-        assert detok.visible_text(finished=True) == detok.text and detok.text.startswith(streamed)
+        used, text, streamed = _step_by_step(tok, ids, stop)
+        assert (used, text) == (want_n, want_text), (ids, stop)
+        assert text.startswith(streamed[-1])
         checked += want_n < len(ids)
     assert checked > 30  # many of the texts did hit a stop string

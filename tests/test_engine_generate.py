@@ -616,6 +616,7 @@ def test_engine_is_usable_after_a_rejected_batch(qwen_vl_ckpt):
     expected = gen(llm, "Good prompt")[0].token_ids
     with pytest.raises(EngineError, match="prompt 1:"):
         gen(llm, ["Queued first", "Too long"], [GREEDY, SamplingParams(max_tokens=600)])
+    assert not llm.llm_engine.has_unfinished_requests()  # "Queued first" was taken back out
     assert gen(llm, "Good prompt")[0].token_ids == expected
     assert llm.block_manager.num_free == 64 and not llm.scheduler.has_work()
 
