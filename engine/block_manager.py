@@ -8,8 +8,9 @@ tokens it has in the cache plus the ones the next step writes; `allocate` grows 
 Prefix caching: a block that is full is registered under a key of its content and of everything
 before it (a chain of hashes over the token ids; image slots hash as the image's content key, since
 their ids are only placeholders; plus the sequence's cache salt, which its model family derives from
-whatever else changes the cached K/V for the same tokens: Qwen-VL's dynamic-NTK factor). A new (or recomputed) sequence starts with the registered blocks that match its tokens, so
-a shared prompt head or an image asked about again is not computed twice. Shared blocks are only
+whatever else changes the cached K/V for the same tokens: Qwen-VL's dynamic-NTK factor). Each block
+is registered once, when it fills. A new (or recomputed) sequence starts with the registered blocks
+that match its tokens, so a shared prompt head or an image asked about again is not computed twice. Shared blocks are only
 read: a sequence always computes at least its last token, from a block boundary on (the model
 runner places the image features of a span's remaining slots when a match ends inside a span).
 Free blocks keep their content until they are handed out again, least recently freed first.

@@ -4,7 +4,7 @@ resolved knobs), checked when the engine is built: a bad value names its key."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -133,10 +133,6 @@ class EngineArgs:
             )
         if not isinstance(self.trust_remote_code, bool):
             raise EngineError(f"trust_remote_code must be true or false, got {self.trust_remote_code!r}")
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
     def engine_config(self, device: str, checkpoint_dtype: str | None, max_model_len: int) -> EngineConfig:
         return EngineConfig(

@@ -70,9 +70,14 @@ class ModelRunner:
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)
+        if self.device.startswith("cpu"):
+            return t
         if self.pin:
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+            try:
+                t = t.pin_memory()
+            except RuntimeError:  # a backend without a pinned host allocator: plain copies
+                self.pin = False
+        return t.to(self.device, non_blocking=self.pin)
 
     def prepare(self, seqs: list[Sequence], all_rows: bool = False) -> StepInputs:
         """The packed inputs of one step: each sequence computes its tokens from `num_cached` on."""

@@ -54,10 +54,6 @@ class Sequence:
     _prompt_tensor: torch.Tensor | None = None
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
@@ -66,7 +62,7 @@ class Sequence:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """all_token_ids[start:end] without building all_token_ids."""
+        """(prompt + output ids)[start:end], without building the whole list."""
         n = len(self.prompt_token_ids)
         if end <= n:
             return self.prompt_token_ids[start:end]
@@ -79,10 +75,6 @@ class Sequence:
         if self._prompt_tensor is None:
             self._prompt_tensor = torch.tensor(self.prompt_token_ids, dtype=torch.long)
         return self._prompt_tensor
-
-    @property
-    def text(self) -> str:
-        return self.detokenizer.text if self.detokenizer is not None else ""
 
     @property
     def is_finished(self) -> bool:

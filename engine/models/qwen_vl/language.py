@@ -108,8 +108,8 @@ class StepContext:
         self.cos, self.sin, self.logn = cos, sin, logn  # [tokens, rotary_dim] fp32 each; [tokens] fp32
 
 
-class StepInputs:
-    """A step's context with its attention metadata and backend, as the layers take them."""
+class LayerInputs:
+    """A step's context with its attention metadata and backend, as every layer takes them."""
 
     def __init__(self, context: StepContext, meta: AttentionMetadata, attention: AttentionBackend):
         self.cos, self.sin, self.logn = context.cos, context.sin, context.logn
@@ -124,7 +124,7 @@ class QWenAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.hidden_size, 3 * proj)
         self.c_proj = nn.Linear(proj, cfg.hidden_size, bias=not cfg.no_bias)
 
-    def forward(self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], step: StepInputs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], step: LayerInputs) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.c_attn(x).split(self.heads * self.head_dim, dim=-1)
         q, k, v = (t.view(tokens, self.heads, self.head_dim) for t in (q, k, v))  # [tokens, heads, head_dim]
@@ -156,7 +156,7 @@ class QWenBlock(nn.Module):
         self.ln_2 = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.mlp = QWenMLP(cfg)
 
-    def forward(self, x, kv_cache, step: StepInputs):
+    def forward(self, x, kv_cache, step: LayerInputs):
         x = x + self.attn(self.ln_1(x), kv_cache, step)
         return x + self.mlp(self.ln_2(x))
 
@@ -211,7 +211,7 @@ class QwenVLForCausalLM(CausalLM):
         image_features: torch.Tensor | None = None,  # [rows, hidden]
         image_rows: torch.Tensor | None = None,  # [rows] packed rows that take the image features, in order
     ) -> torch.Tensor:
-        step = StepInputs(context, attn_meta, attention)
+        step = LayerInputs(context, attn_meta, attention)
         x = self.transformer.wte(input_ids)  # [tokens, hidden]
         if image_features is not None:
             x[image_rows] = image_features.reshape(-1, x.shape[-1]).to(x.dtype)
