@@ -87,7 +87,8 @@ SYNONYMS = {
 class EngineArgs:
     """Everything `LLM(...)` and `LLMEngine.from_engine_args` take. vLLM's names work as synonyms:
     max_num_seqs = max_batch_size, gpu_memory_utilization = memory_fraction, max_num_batched_tokens =
-    max_prefill_tokens. trust_remote_code is accepted for compatibility and changes nothing: the
+    max_prefill_tokens. tensor_parallel_size > 1 runs under torchrun, one process per device
+    (engine/distributed.py). trust_remote_code is accepted for compatibility and changes nothing: the
     engine never imports or runs code from a model folder."""
 
     model: str | Path
@@ -126,11 +127,6 @@ class EngineArgs:
         tp = self.tensor_parallel_size
         if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
             raise EngineError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
-        if tp > 1:
-            raise EngineError(
-                f"tensor_parallel_size={tp}: this version of the engine runs a model on one device; "
-                "use tensor_parallel_size=1"
-            )
         if not isinstance(self.trust_remote_code, bool):
             raise EngineError(f"trust_remote_code must be true or false, got {self.trust_remote_code!r}")
 

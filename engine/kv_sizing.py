@@ -19,6 +19,7 @@ from .device import (
     peak_memory,
     reset_peak_memory,
 )
+from .distributed import ParallelContext
 from .errors import EngineError
 from .model_runner import ModelRunner
 from .models.base import CausalLM, ModelFamily
@@ -47,8 +48,10 @@ def kv_budget(info: MemoryInfo, peak: int, fraction: float, reserved_gb: float) 
     return budget, why
 
 
-def size_kv_cache(c: EngineConfig, family: ModelFamily, model: CausalLM, warmup: bool | None) -> int:
-    """Blocks for the KV cache (see the module's docstring)."""
+def size_kv_cache(c: EngineConfig, family: ModelFamily, model: CausalLM, warmup: bool | None,
+                  parallel: ParallelContext | None = None) -> int:  # fmt: skip
+    """Blocks for the KV cache (see the module's docstring); under tensor parallelism the fewest any
+    rank of the group has room for, so all ranks hold the same blocks."""
     per_block = ModelRunner.kv_bytes_per_block(family.spec, c.block_size, c.dtype)
     wanted = c.max_batch_size * blocks_for(c.max_model_len, c.block_size)
     info = memory_info(c.device)
@@ -73,6 +76,10 @@ def size_kv_cache(c: EngineConfig, family: ModelFamily, model: CausalLM, warmup:
             why = f"a full batch: {c.max_batch_size} x max_model_len {c.max_model_len}; within {why}"
         else:
             why = f"{why}; a full batch of {c.max_batch_size} x max_model_len {c.max_model_len} wants {wanted} blocks"
+    if parallel is not None and parallel.tp_size > 1:
+        fewest = parallel.min_int(num)
+        if fewest < num:
+            num, why = fewest, f"the fewest of the {parallel.tp_size} tensor-parallel ranks; here {why}"
     if num < 1:
         raise EngineError(
             f"no room for the KV cache ({why}): one block of {c.block_size} tokens needs {per_block / 2**20:.1f} MiB; "

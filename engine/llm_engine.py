@@ -29,6 +29,7 @@ from .block_manager import BlockManager, blocks_for
 from .config import EngineArgs
 from .detokenizer import Detokenizer
 from .device import DeviceError, now, resolve_device
+from .distributed import init_tensor_parallel
 from .errors import EngineError
 from .kv_sizing import size_kv_cache
 from .loader import load_weights
@@ -41,14 +42,15 @@ from .sequence import RequestOutput, Sequence, Status
 logger = logging.getLogger("engine")
 
 
-def _default_logging() -> None:
+def _default_logging(rank: str = "") -> None:
     """Like vLLM, say what the engine decided (KV cache size) on stderr unless the application has
-    configured logging itself."""
+    configured logging itself; under tensor parallelism each line names its rank."""
     if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("engine: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    for handler in logger.handlers:
+        handler.setFormatter(logging.Formatter(f"engine{rank}: %(message)s"))
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,14 @@ class LLMEngine:
         model_path = Path(args.model)
         if not model_path.is_dir():
             raise EngineError(f"model folder not found: {model_path}")
-        self.family = family = load_family(model_path)
+        self.family = family = load_family(model_path, args.tensor_parallel_size)
         try:
             device = resolve_device(args.device)
         except DeviceError as e:
             raise EngineError(str(e)) from None
+        self.parallel, device = init_tensor_parallel(args.tensor_parallel_size, device)
+        if self.parallel.tp_size > 1:
+            _default_logging(f"[tp rank {self.parallel.tp_rank}]")
         spec = family.spec
         max_model_len = spec.max_model_len if args.max_model_len is None else args.max_model_len
         limit = spec.max_model_len_limit
@@ -86,11 +91,12 @@ class LLMEngine:
         self.config = c = args.engine_config(device, spec.checkpoint_dtype, max_model_len)
         self.tokenizer = family.tokenizer
         with torch.device("meta"):
-            self.model = family.build_model()
-        load_weights(self.model, model_path, c.dtype, device, family.checkpoint_name, progress=args.progress)
+            self.model = family.build_model(self.parallel)
+        progress = args.progress and self.parallel.tp_rank == 0
+        load_weights(self.model, model_path, c.dtype, device, family.checkpoint_name, progress=progress)
         self.model.eval()
 
-        c.num_blocks = size_kv_cache(c, family, self.model, args.warmup)
+        c.num_blocks = size_kv_cache(c, family, self.model, args.warmup, self.parallel)
         self.block_manager = BlockManager(c.num_blocks, c.block_size, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, c.max_batch_size, c.max_prefill_tokens)
         self.runner = ModelRunner(self.model, spec, self.block_manager, c.dtype, device, c.attention_backend,

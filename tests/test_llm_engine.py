@@ -163,7 +163,6 @@ def test_vllm_argument_names(qwen_vl_ckpt):
         ({"max_batch_size": 4, "max_num_seqs": 8}, "max_batch_size=4 and max_num_seqs=8 disagree"),
         ({"memory_fraction": 0.8, "gpu_memory_utilization": 0.9}, "memory_fraction=0.8 and gpu_memory_utilization=0.9"),
         ({"max_prefill_tokens": 100, "max_num_batched_tokens": 200}, "max_prefill_tokens=100 and max_num_batched_tokens"),
-        ({"tensor_parallel_size": 2}, "tensor_parallel_size=2: this version of the engine runs a model on one device"),
         ({"tensor_parallel_size": 0}, "tensor_parallel_size must be a positive integer"),
         ({"trust_remote_code": "yes"}, "trust_remote_code must be true or false"),
     ],

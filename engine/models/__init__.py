@@ -19,7 +19,7 @@ def supported() -> str:
     return ", ".join(f"{t!r} = {what}" for t, (_, what) in REGISTRY.items())
 
 
-def load_family(model_path: str | Path) -> ModelFamily:
+def load_family(model_path: str | Path, tp_size: int = 1) -> ModelFamily:
     """The family for the checkpoint in `model_path`, built from its config and tokenizer files."""
     folder = Path(model_path)
     raw, path = read_config(folder)
@@ -28,4 +28,4 @@ def load_family(model_path: str | Path) -> ModelFamily:
         raise EngineError(f"{path}: model_type {model_type!r} is not a model the engine runs (supported: {supported()})")
     module, _, cls = REGISTRY[model_type][0].partition(":")
     family = getattr(importlib.import_module(module), cls)
-    return family(folder, raw, path)
+    return family(folder, raw, path, tp_size)

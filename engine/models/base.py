@@ -56,7 +56,7 @@ class ModelSpec:
     """The facts about a model that the core needs."""
 
     num_layers: int
-    num_kv_heads: int  # per rank, as stored in the KV cache
+    num_kv_heads: int  # on this rank (all of them / tensor_parallel_size), as stored in the KV cache
     head_dim: int
     vocab_size: int  # rows of the logits
     max_model_len: int  # the default context length
@@ -139,11 +139,14 @@ class ModelFamily(ABC):
     tokenizer: Tokenizer
 
     @abstractmethod
-    def __init__(self, model_path: Path, raw_config: dict, config_path: Path): ...
+    def __init__(self, model_path: Path, raw_config: dict, config_path: Path, tp_size: int = 1):
+        """Reads the config and tokenizer; refuses a tp_size the model cannot be split by (before
+        anything loads)."""
 
     @abstractmethod
-    def build_model(self) -> CausalLM:
-        """The module, built on the current default device (the loader uses `meta`)."""
+    def build_model(self, parallel=None) -> CausalLM:
+        """The module for this rank (`parallel`: an engine.distributed.ParallelContext; None: one
+        device), built on the current default device (the loader uses `meta`)."""
 
     @abstractmethod
     def checkpoint_name(self, name: str) -> str | None:

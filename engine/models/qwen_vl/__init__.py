@@ -19,10 +19,13 @@ class QwenVLFamily(ModelFamily):
     name = "Qwen-VL"
     warmup_tokens_per_image = IMG_SPAN + 2  # <img>, 256 slots, </img>
 
-    def __init__(self, model_path: Path, raw_config: dict, config_path: Path):
+    def __init__(self, model_path: Path, raw_config: dict, config_path: Path, tp_size: int = 1):
+        from ...distributed import check_divides
         from .language import LOGN_TABLE_LEN
 
         self.config = cfg = QwenVLConfig.from_dict(raw_config, str(config_path))
+        check_divides(tp_size, {"num_attention_heads": cfg.num_attention_heads, "vocab_size": cfg.vocab_size,
+                                "the MLP width (intermediate_size / 2)": cfg.mlp_width}, str(config_path))  # fmt: skip
         self.tokenizer = QwenVLTokenizer(model_path)
         if self.tokenizer.vocab_size > cfg.vocab_size:
             raise EngineError(
@@ -32,7 +35,7 @@ class QwenVLFamily(ModelFamily):
         limit = LOGN_TABLE_LEN if cfg.use_logn_attn else None
         self.spec = ModelSpec(
             num_layers=cfg.num_hidden_layers,
-            num_kv_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_attention_heads // tp_size,
             head_dim=cfg.head_dim,
             vocab_size=cfg.vocab_size,
             max_model_len=cfg.max_position_embeddings if limit is None else min(cfg.max_position_embeddings, limit),
@@ -41,10 +44,10 @@ class QwenVLFamily(ModelFamily):
             checkpoint_dtype=cfg.torch_dtype,
         )
 
-    def build_model(self):
+    def build_model(self, parallel=None):
         from .language import QwenVLForCausalLM
 
-        return QwenVLForCausalLM(self.config)
+        return QwenVLForCausalLM(self.config, parallel)
 
     def checkpoint_name(self, name: str) -> str | None:
         return None if name.endswith(IGNORED_SUFFIXES) else name  # the original's names are the modules'

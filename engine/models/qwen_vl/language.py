@@ -24,6 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...attention import AttentionBackend, AttentionMetadata
+from ...distributed import (
+    ColumnParallelLinear,
+    ParallelContext,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from ..base import CausalLM
 from .config import QwenVLConfig
 from .processor import normalize
@@ -117,12 +124,15 @@ class LayerInputs:
 
 
 class QWenAttention(nn.Module):
-    def __init__(self, cfg: QwenVLConfig):
+    """Tensor parallel: each rank computes heads/N heads (c_attn's q, k and v split by head, c_proj by
+    its input) and keeps their K/V."""
+
+    def __init__(self, cfg: QwenVLConfig, ctx: ParallelContext):
         super().__init__()
-        self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.heads, self.head_dim = cfg.num_attention_heads // ctx.tp_size, cfg.head_dim
         proj = cfg.kv_channels * cfg.num_attention_heads
-        self.c_attn = nn.Linear(cfg.hidden_size, 3 * proj)
-        self.c_proj = nn.Linear(proj, cfg.hidden_size, bias=not cfg.no_bias)
+        self.c_attn = ColumnParallelLinear(cfg.hidden_size, 3 * proj, True, ctx, parts=3)
+        self.c_proj = RowParallelLinear(proj, cfg.hidden_size, not cfg.no_bias, ctx)
 
     def forward(self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], step: LayerInputs) -> torch.Tensor:
         tokens = x.shape[0]
@@ -137,24 +147,24 @@ class QWenAttention(nn.Module):
 
 
 class QWenMLP(nn.Module):
-    def __init__(self, cfg: QwenVLConfig):
+    def __init__(self, cfg: QwenVLConfig, ctx: ParallelContext):
         super().__init__()
         bias = not cfg.no_bias
-        self.w1 = nn.Linear(cfg.hidden_size, cfg.mlp_width, bias=bias)
-        self.w2 = nn.Linear(cfg.hidden_size, cfg.mlp_width, bias=bias)
-        self.c_proj = nn.Linear(cfg.mlp_width, cfg.hidden_size, bias=bias)
+        self.w1 = ColumnParallelLinear(cfg.hidden_size, cfg.mlp_width, bias, ctx)
+        self.w2 = ColumnParallelLinear(cfg.hidden_size, cfg.mlp_width, bias, ctx)
+        self.c_proj = RowParallelLinear(cfg.mlp_width, cfg.hidden_size, bias, ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
 
 
 class QWenBlock(nn.Module):
-    def __init__(self, cfg: QwenVLConfig):
+    def __init__(self, cfg: QwenVLConfig, ctx: ParallelContext):
         super().__init__()
         self.ln_1 = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
-        self.attn = QWenAttention(cfg)
+        self.attn = QWenAttention(cfg, ctx)
         self.ln_2 = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
-        self.mlp = QWenMLP(cfg)
+        self.mlp = QWenMLP(cfg, ctx)
 
     def forward(self, x, kv_cache, step: LayerInputs):
         x = x + self.attn(self.ln_1(x), kv_cache, step)
@@ -162,23 +172,26 @@ class QWenBlock(nn.Module):
 
 
 class QWenModel(nn.Module):
-    def __init__(self, cfg: QwenVLConfig):
+    def __init__(self, cfg: QwenVLConfig, ctx: ParallelContext):
         super().__init__()
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.h = nn.ModuleList(QWenBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx)
+        self.h = nn.ModuleList(QWenBlock(cfg, ctx) for _ in range(cfg.num_hidden_layers))
         self.ln_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.visual = VisionTransformer(cfg.visual)
 
 
 class QwenVLForCausalLM(CausalLM):
     """The whole model over one packed step: `forward` gives the last layer's hidden states (before the
-    final norm, which `compute_logits` applies to the rows that are sampled only)."""
+    final norm, which `compute_logits` applies to the rows that are sampled only). Under tensor
+    parallelism the language model is sharded (see engine/distributed.py) and the vision tower is
+    replicated on every rank, as the seed does."""
 
-    def __init__(self, cfg: QwenVLConfig):
+    def __init__(self, cfg: QwenVLConfig, ctx: ParallelContext | None = None):
         super().__init__()
+        ctx = ctx or ParallelContext()
         self.config = cfg
-        self.transformer = QWenModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.transformer = QWenModel(cfg, ctx)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx)
         self._rotary: RotaryEmbedding | None = None
         self._logn: torch.Tensor | None = None
 

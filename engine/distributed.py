@@ -1,0 +1,231 @@
+"""Tensor parallelism: process groups, and the layers a model family shards its weights with.
+
+SPMD, the seed's way: torchrun starts one process per device and every process runs the same
+program. `LLM(path, tensor_parallel_size=N)` in each of them joins the default process group (gloo on
+CPU, nccl on CUDA, hccl on Ascend; formed here when the caller has not), splits the world into
+groups of N consecutive ranks (world = data-parallel groups x N) and runs the model on its group,
+each rank on LOCAL_RANK's device. Every rank of a group schedules the same requests the same way
+and samples from the same gathered logits with the same generators (deterministic replicas), so all
+of them hold the same tokens after every step and `generate` returns the same outputs everywhere.
+
+Megatron-style layers (gpt-fast's tp.py, nano-vllm's layers): a column-parallel linear keeps 1/N of
+the output features (a fused one, 1/N of each part); a row-parallel linear keeps 1/N of the input
+features and all-reduces its output; the embedding and the LM head keep 1/N of the vocabulary. Each
+parameter's weight_loader takes its rank's slice of the checkpoint tensor (from a safetensors file,
+only that slice is read), so no rank holds the whole language model. With N = 1 they are the plain
+torch layers, computing exactly what nn.Linear and nn.Embedding do.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import EngineError
+from .loader import set_weight
+
+DEFAULT_TIMEOUT_S = 600.0  # a collective waiting longer than this fails instead of hanging (MODELTEST_DIST_TIMEOUT)
+BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """This process's place in its tensor-parallel group."""
+
+    tp_size: int = 1
+    tp_rank: int = 0
+    group: Any = None  # the group's torch.distributed ProcessGroup (None when tp_size == 1)
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.tp_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}[op], group=self.group)
+        return t
+
+    def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """The ranks' tensors concatenated along `dim`, in rank order, on every rank."""
+        if self.tp_size == 1:
+            return t
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(t) for _ in range(self.tp_size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def min_int(self, value: int) -> int:
+        """The smallest `value` over the group (every rank gets it)."""
+        if self.tp_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=_collective_device(self.group))
+        return int(self.all_reduce(t, op="min").item())
+
+
+def timeout() -> timedelta:
+    raw = os.environ.get("MODELTEST_DIST_TIMEOUT", "")
+    try:
+        seconds = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise EngineError(f"environment variable MODELTEST_DIST_TIMEOUT={raw!r} is not a number of seconds") from None
+    return timedelta(seconds=seconds)
+
+
+def _collective_device(group) -> torch.device:
+    import torch.distributed as dist
+
+    backend = dist.get_backend(group)
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "hccl":
+        return torch.device("npu", torch.npu.current_device())
+    return torch.device("cpu")
+
+
+_groups: dict[tuple[int, int, str], Any] = {}
+
+
+def init_tensor_parallel(tp_size: int, device: str) -> tuple[ParallelContext, str]:
+    """(this rank's context, its device) for a group of tp_size processes started by torchrun. A single
+    process (tp_size 1) needs nothing; more than one without torchrun's environment is one error
+    saying how to launch."""
+    if tp_size == 1:
+        return ParallelContext(), device
+    import torch.distributed as dist
+
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        raise EngineError(
+            f"tensor_parallel_size={tp_size} runs one process per device: launch with "
+            f"`torchrun --nproc_per_node {tp_size} your_script.py` (bash scripts/mm_run.sh does it for the harness)"
+        )
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if world % tp_size:
+        raise EngineError(f"tensor_parallel_size={tp_size} does not divide the {world} processes torchrun started")
+    kind = device.split(":")[0]
+    if kind != "cpu":
+        device = f"{kind}:{local_rank}"
+        getattr(torch, kind).set_device(local_rank)
+    backend = BACKENDS[kind]
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timeout())
+    key = (world, tp_size, backend)
+    if key not in _groups:  # every rank creates every group, in the same order (new_group is collective)
+        groups = [dist.new_group(list(range(g, g + tp_size)), backend=backend, timeout=timeout())
+                  for g in range(0, world, tp_size)]  # fmt: skip
+        _groups[key] = groups
+    group = _groups[key][rank // tp_size]
+    return ParallelContext(tp_size, rank % tp_size, group), device
+
+
+def check_divides(tp_size: int, sizes: dict[str, int], where: str) -> None:
+    """One error naming every size tp_size does not divide, and the sizes that would work."""
+    bad = {k: v for k, v in sizes.items() if v % tp_size}
+    if bad:
+        ok = [n for n in (1, 2, 4, 8, 16) if all(v % n == 0 for v in sizes.values())]
+        raise EngineError(
+            f"{where}: tensor_parallel_size={tp_size} does not divide "
+            + ", ".join(f"{k} {v}" for k, v in bad.items())
+            + f"; use one of {', '.join(map(str, ok))}"
+        )
+
+
+# ---- layers ------------------------------------------------------------------------------------------
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with each rank holding 1/N of the output features (its output stays sharded).
+    `parts`: the output is a concatenation of parts (a fused q|k|v) and each part is split."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext,
+                 parts: int = 1):  # fmt: skip
+        super().__init__()
+        self.ctx, self.parts = ctx, parts
+        local = out_features // ctx.tp_size
+        self.weight = nn.Parameter(torch.empty(local, in_features))
+        self.weight.checkpoint_shape = (out_features, in_features)
+        self.weight.weight_loader = self._load
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(local))
+            self.bias.checkpoint_shape = (out_features,)
+            self.bias.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, weight) -> None:
+        if self.ctx.tp_size == 1:
+            set_weight(param, weight.load())
+            return
+        part = weight.shape[0] // self.parts  # rows of one part in the checkpoint
+        size = part // self.ctx.tp_size
+        start = self.ctx.tp_rank * size
+        set_weight(param, torch.cat([weight.narrow(0, p * part + start, size) for p in range(self.parts)]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with each rank holding 1/N of the input features (its input is the sharded output
+    of a column-parallel layer); the partial products are summed over the group."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext):
+        super().__init__()
+        self.ctx = ctx
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // ctx.tp_size))
+        self.weight.checkpoint_shape = (out_features, in_features)
+        self.weight.weight_loader = self._load
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None  # whole on every rank
+
+    def _load(self, param: nn.Parameter, weight) -> None:
+        if self.ctx.tp_size == 1:
+            set_weight(param, weight.load())
+            return
+        size = weight.shape[1] // self.ctx.tp_size
+        set_weight(param, weight.narrow(1, self.ctx.tp_rank * size, size).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ctx.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = self.ctx.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """An embedding table split by vocabulary rows: each rank looks up the ids in its range (zeros for
+    the others) and the group sums the rows."""
+
+    def __init__(self, num_embeddings: int, dim: int, ctx: ParallelContext):
+        super().__init__()
+        self.ctx = ctx
+        self.per_rank = num_embeddings // ctx.tp_size
+        self.start = ctx.tp_rank * self.per_rank
+        self.weight = nn.Parameter(torch.empty(self.per_rank, dim))
+        self.weight.checkpoint_shape = (num_embeddings, dim)
+        self.weight.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, weight) -> None:
+        if self.ctx.tp_size == 1:
+            set_weight(param, weight.load())
+        else:
+            set_weight(param, weight.narrow(0, self.start, self.per_rank))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.ctx.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        rows = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.ctx.all_reduce(rows.masked_fill(outside[:, None], 0.0))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection split by vocabulary rows: each rank computes its slice of the logits and
+    the group gathers them, so every rank holds the whole [rows, vocab]."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.ctx.all_gather(F.linear(hidden, self.weight), dim=-1)

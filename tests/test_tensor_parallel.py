@@ -1,0 +1,99 @@
+"""Protects tensor parallelism, on CPU with torchrun, gloo and 2 processes (bounded: a collective
+timeout of 60 s and a 300 s limit on the run):
+
+- tp 2 gives tp 1's greedy tokens for text, one image and two images with preemption, with every
+  step's logits within 1e-5 (fp32), and the same seeded samples and logprobs; both ranks agree;
+- each rank holds its slice of every language-model weight (q, k and v split by head, row-parallel
+  layers by input, the vocabulary by rows), about half the language model's bytes, its half of the
+  KV heads; the vision tower whole;
+- tensor_parallel_size that does not divide the model, or > 1 without torchrun, is one clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM, EngineError
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dist_worker  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def torchrun(nproc: int, script: Path, *args: str, timeout: float = 300, env: dict | None = None):
+    """Run `script` under torchrun on CPU; the finished process (raises if it timed out)."""
+    env = {**os.environ, "MODELTEST_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1", **(env or {})}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(script), *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def runs(qwen_vl_ckpt, photo_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp") / "result"
+    done = torchrun(2, REPO / "tests" / "dist_worker.py", str(qwen_vl_ckpt), str(photo_dir), str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in range(2)]
+    return dist_worker.run(str(qwen_vl_ckpt), str(photo_dir), 1), ranks
+
+
+def test_tp2_gives_tp1_tokens_and_logits(runs):
+    one, ranks = runs
+    assert one["preemptions"] > 0 and all(r["preemptions"] > 0 for r in ranks)
+    for r in ranks:
+        assert r["greedy"] == one["greedy"] and r["texts"] == one["texts"]
+        for got, want in zip(r["logits"], one["logits"], strict=True):
+            assert got.shape == want.shape
+            assert (got - want).abs().max().item() < 1e-5
+        assert r["sampled"] == one["sampled"]
+        for got, want in zip(r["logprobs"], one["logprobs"], strict=True):
+            for g, w in zip(got, want, strict=True):
+                assert g.keys() == w.keys() and all(abs(g[t] - w[t]) < 1e-4 for t in g)
+    assert ranks[0]["logits"][1].equal(ranks[1]["logits"][1])  # gathered logits: the same bits on both ranks
+
+
+def test_each_rank_holds_its_slice(runs, qwen_vl_ckpt):
+    one, ranks = runs
+    full = one["params"]
+    heads, head_dim = 4, 32  # tiny_config: hidden 128, 4 heads
+    proj = heads * head_dim
+    for rank, r in enumerate(ranks):
+        p = r["params"]
+        c_attn = full["transformer.h.0.attn.c_attn.weight"]
+        mine = torch.cat([c_attn[part * proj + rank * proj // 2 :][: proj // 2] for part in range(3)])
+        assert torch.equal(p["transformer.h.0.attn.c_attn.weight"], mine)  # q, k and v: heads 2r, 2r+1
+        bias = full["transformer.h.1.attn.c_attn.bias"]
+        assert torch.equal(p["transformer.h.1.attn.c_attn.bias"],
+                           torch.cat([bias[part * proj + rank * proj // 2 :][: proj // 2] for part in range(3)]))
+        half = full["transformer.h.0.mlp.c_proj.weight"].shape[1] // 2
+        assert torch.equal(p["transformer.h.0.mlp.c_proj.weight"],
+                           full["transformer.h.0.mlp.c_proj.weight"][:, rank * half : (rank + 1) * half])
+        assert torch.equal(p["transformer.h.1.mlp.w2.weight"], full["transformer.h.1.mlp.w2.weight"].chunk(2)[rank])
+        assert torch.equal(p["transformer.wte.weight"], full["transformer.wte.weight"].chunk(2)[rank])
+        assert torch.equal(p["lm_head.weight"], full["lm_head.weight"].chunk(2)[rank])
+        assert torch.equal(p["transformer.ln_f.weight"], full["transformer.ln_f.weight"])  # norms whole
+        assert all(torch.equal(v, full[k]) for k, v in p.items() if ".visual." in k)  # vision replicated
+        assert r["lm_bytes"] == pytest.approx(one["lm_bytes"] / 2, rel=0.01)
+        assert r["kv_shape"][2] == one["kv_shape"][2] // 2  # its KV heads only
+        assert r["num_blocks"] == one["num_blocks"]
+
+
+def test_sizes_that_do_not_divide_the_model_are_refused(qwen_vl_ckpt):
+    with pytest.raises(EngineError, match=r"tensor_parallel_size=3 does not divide num_attention_heads 4, vocab_size "
+                                          r"151936, the MLP width \(intermediate_size / 2\) 256; use one of 1, 2, 4"):
+        LLM(qwen_vl_ckpt, device="cpu", tensor_parallel_size=3, progress=False)
+
+
+def test_more_than_one_device_without_torchrun_says_how_to_launch(qwen_vl_ckpt):
+    with pytest.raises(EngineError, match=r"tensor_parallel_size=2 runs one process per device: launch with "
+                                          r"`torchrun --nproc_per_node 2"):
+        LLM(qwen_vl_ckpt, device="cpu", tensor_parallel_size=2, progress=False)
