@@ -124,15 +124,17 @@ def make_prompts(tokenizer, photos: list[str], batch: int, prompt_tokens: int, w
 
 
 def timed_generate(llm, prompts, params):
-    """(outputs, wall seconds, [seconds of each engine step])."""
-    steps: list[float] = []
+    """(outputs, wall seconds, [(seconds, prefill) of each engine step]); a step is a prefill step while
+    some request has no token yet."""
+    steps: list[tuple[float, bool]] = []
     engine = llm.llm_engine
     engine_step = engine.step
 
     def step():
+        prefill = any(not seq.output_token_ids for seq in engine.requests.values())
         t0 = time.perf_counter()
         outputs = engine_step()
-        steps.append(time.perf_counter() - t0)
+        steps.append((time.perf_counter() - t0, prefill))
         return outputs
 
     engine.step = step
@@ -224,8 +226,8 @@ def main() -> None:
         for _ in range(args.rounds):
             outs, _, steps = timed_generate(llm, prompts, prefill_params)
             prompt_lens = [len(o.prompt_token_ids) for o in outs]
-            prefill_s.append(sum(steps))
-            prefill_tps.append(sum(prompt_lens) / sum(steps))
+            prefill_s.append(sum(t for t, _ in steps))
+            prefill_tps.append(sum(prompt_lens) / prefill_s[-1])
             ttfts += [o.ttft for o in outs]
 
             outs, wall, _ = timed_generate(llm, prompts, decode_params)

@@ -21,6 +21,7 @@ _EXPORTS = {
     "LLM": ".llm",
     "LLMEngine": ".llm_engine",
     "EngineStats": ".llm_engine",
+    "check_model": ".llm_engine",
     "EngineArgs": ".config",
     "SamplingParams": ".sampling",
     "RequestOutputKind": ".sampling",

@@ -5,6 +5,7 @@ than a full batch of max_model_len sequences needs. The decision is logged (logg
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -63,8 +64,10 @@ def size_kv_cache(c: EngineConfig, family: ModelFamily, model: CausalLM, warmup:
     else:
         if c.kv_cache_memory_gb is not None:
             budget, why = c.kv_cache_memory_gb * (1 << 30), "kv_cache_memory_gb"
-        elif info is None:
-            budget, why = available_memory(c.device) * CPU_KV_SHARE, f"{CPU_KV_SHARE:.0%} of available host memory"
+        elif info is None:  # the processes torchrun started on this host share its memory
+            procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            budget = available_memory(c.device) * CPU_KV_SHARE / procs
+            why = f"{CPU_KV_SHARE:.0%} of available host memory" + (f" / {procs} processes on this host" if procs > 1 else "")
         elif peak is not None:
             budget, why = kv_budget(memory_info(c.device), peak, c.memory_fraction, c.reserved_memory_gb)
         else:

@@ -53,6 +53,19 @@ def _default_logging(rank: str = "") -> None:
         handler.setFormatter(logging.Formatter(f"engine{rank}: %(message)s"))
 
 
+def check_model(model: str | Path, tensor_parallel_size: int = 1) -> None:
+    """What building an engine on `model` would check first, without loading any weight: the folder,
+    config.json (a model type the engine runs), the tokenizer files, that weights are there, and that
+    the model splits tensor_parallel_size ways. EngineError says what is wrong."""
+    from .loader import checkpoint_files
+
+    path = Path(model)
+    if not path.is_dir():
+        raise EngineError(f"model folder not found: {path}")
+    load_family(path, tensor_parallel_size)
+    checkpoint_files(path)
+
+
 @dataclass(frozen=True)
 class EngineStats:
     num_running: int  # sequences in the running batch

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from .errors import EXIT_BAD_INPUT, ModelTestError
@@ -30,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the random draw of --limit samples, where a task draws (default 0)")
     p.add_argument("--backend", choices=["engine", "hf"], help="override the model config's backend")
     p.add_argument("--device", help="cpu, cuda[:i] or npu[:i] (default: npu, else cuda, else cpu)")
-    p.add_argument("--tp", type=int, default=int(os.environ.get("WORLD_SIZE", "1")), help="tensor-parallel size")
+    p.add_argument("--tp", type=int, help="tensor-parallel size: processes that run one copy of the model "
+                   "(default: torchrun's WORLD_SIZE / --dp, all of them without --dp)")  # fmt: skip
+    p.add_argument("--dp", type=int, help="data-parallel size: copies of the model the samples are shared "
+                   "among (default: WORLD_SIZE / --tp)")  # fmt: skip
+    p.add_argument("--check_only", action="store_true", help="check the configs, dataset, model folder and "
+                   "output folder, then exit (0: a run can start); loads and writes nothing")  # fmt: skip
     p.add_argument("--predictions", help="score-only mode: JSONL or JSON list of {question_id, answer}")
     p.add_argument("--save_debug_enable", action="store_true", help="also write the seed's outputs_<time>.txt")
     p.add_argument("--overwrite", action="store_true", help="discard samples from an earlier run in "
@@ -69,6 +75,8 @@ def run_cli(argv: list[str] | None = None) -> int:
         device=args.device,
         batch_size=args.batch_size,
         tp=args.tp,
+        dp=args.dp,
+        check_only=args.check_only,
         limit=args.limit,
         seed=args.seed,
         predictions=args.predictions,
@@ -87,8 +95,21 @@ def run_cli(argv: list[str] | None = None) -> int:
     return result.exit_code
 
 
+class _Stopped(BaseException):
+    """SIGTERM: torchrun stops the other processes when one of them fails. A BaseException, like
+    KeyboardInterrupt, so no per-sample error handling can take it for a failed sample."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    where = f" (rank {os.environ.get('RANK', '0')})" if distributed else ""
+    if distributed:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if argv[:1] == ["selftest"]:
             from .selftest import main as selftest
@@ -96,13 +117,29 @@ def main(argv: list[str] | None = None) -> int:
             return selftest(argv[1:])
         return run_cli(argv)
     except ModelTestError as e:
-        print(f"modeltest: error: {e}", file=sys.stderr)
+        print(f"modeltest: error{where}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("modeltest: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"modeltest{where}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except _Stopped:
+        print(f"modeltest{where}: stopped by torchrun (another process failed: see its report); rerun the same "
+              "command to resume", file=sys.stderr)  # fmt: skip
+        return 143
     except BrokenPipeError:
         return EXIT_BAD_INPUT
+    except Exception as e:
+        if distributed and _is_distributed_error(e):  # a peer is gone or a collective timed out
+            print(f"modeltest{where}: {type(e).__name__}: {str(e).splitlines()[0][:300]}; another process has "
+                  "probably failed (see torchrun's report); rerun the same command to resume", file=sys.stderr)  # fmt: skip
+            return 1
+        raise
+
+
+def _is_distributed_error(e: Exception) -> bool:
+    import torch.distributed as dist
+
+    return isinstance(e, getattr(dist, "DistError", ())) or "gloo" in str(e) or "NCCL" in str(e)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Every check on the input happens before the model loads. Each finished sample is appended to
 samples.jsonl at once; re-running the same command skips what is there (resume) and ends with the
 same results as an uninterrupted run. A sample that fails is recorded with its reason, scored 0 and
-counted; the run goes on, and exits 3 at the end when errors exceed --max_error_rate.
+counted; the run goes on, and exits 3 at the end when errors exceed --max_error_rate. Under torchrun
+the samples are shared out among data-parallel groups (modeltest/parallel.py) and rank 0 writes
+what a single process writes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from .backends.base import Backend, Generation, Request, check_model_path, create_backend
+from .backends.base import Backend, Generation, Request, backend_class, check_model_path, create_backend
 from .config import ModelConfig, TaskConfig, to_dict
 from .errors import EXIT_TOO_MANY_ERRORS, ModelTestError
 from .output import (
@@ -32,6 +34,7 @@ from .output import (
     write_csv,
     write_json,
 )
+from .parallel import Layout, RunLock, broadcast, gather, init, layout, shard_path, shards, share
 from .tasks import Sample, Task, get_task
 
 PREDICTIONS_MODEL_NAME = "predictions"
@@ -43,7 +46,9 @@ class RunOptions:
     backend: str | None = None
     device: str | None = None
     batch_size: int = 1
-    tp: int = 1
+    tp: int | None = None  # None: the world's processes / dp (all of them when dp is None too)
+    dp: int | None = None  # data-parallel groups; None: the world / tp
+    check_only: bool = False  # check every input and the output folder, load nothing, write nothing
     limit: int | None = None
     seed: int = 0  # how a task that samples --limit draws them (coco_caption); the same seed, the same sample
     predictions: str | None = None
@@ -87,17 +92,20 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
     backend_name = "predictions" if predictions is not None else (opts.backend or (model_cfg.backend if model_cfg else None))
     if backend_name is None:
         raise ModelTestError("no model config: pass --model_config_path, or --predictions to score answers made elsewhere")
+    lay = layout(opts.tp, opts.dp, planned=opts.check_only)
+    if predictions is not None and lay.world > 1:
+        raise ModelTestError("score-only mode (--predictions) runs in one process; launch it without torchrun")
     if backend is None:
         check_model_path(model_cfg)  # before anything is written or loaded
-    device, family = _device(backend_name, opts.device, backend)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and opts.tp != world:
-        raise ModelTestError(f"--tp {opts.tp} does not match the {world} processes torchrun started")
+        if lay.tp > 1 and not backend_class(backend_name).supports_tp:
+            raise ModelTestError(f"the {backend_name} backend does not run tensor parallel (--tp {lay.tp}): use "
+                                 f"--backend engine, or --dp {lay.world} for a copy of the model per device")  # fmt: skip
+    device, family = _device(backend_name, opts.device, backend, lay)
 
     model_name = model_cfg.model_name if model_cfg and predictions is None else PREDICTIONS_MODEL_NAME
     defaults = model_cfg or ModelConfig(model_name=PREDICTIONS_MODEL_NAME)
     paths = run_paths(opts.output_dir, family, task_cfg.task_type, task_cfg.task_name, defaults.data_type,
-                      model_name, defaults.model_type, opts.batch_size, opts.tp)  # fmt: skip
+                      model_name, defaults.model_type, opts.batch_size, lay.tp)  # fmt: skip
     task_fingerprint = to_dict(task_cfg)
     task_fingerprint.pop("annotations_path")  # references only score; the samples do not depend on them
     fingerprint = {
@@ -108,37 +116,71 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
         "max_new_tokens": task.max_new_tokens,
         "predictions": _file_digest(opts.predictions) if opts.predictions else None,
     }
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    done = _resume(paths, fingerprint, opts.overwrite) if rank0 else {}
-    if rank0:
-        task.check_outputs(paths, family, done, opts.overwrite)
-    todo = [s for s in samples if s.id not in done]
+    if opts.check_only:
+        return _check_only(task, model_cfg, backend_name, backend, paths, fingerprint, family, opts, lay)
 
-    load_time = 0.0
-    if todo and backend is None:
-        for key, value in (model_cfg.env or {}).items():
-            os.environ[key] = value
-        t0 = time.perf_counter()
-        backend = create_backend(backend_name, model_cfg, device, opts.tp, opts.batch_size)
-        load_time = time.perf_counter() - t0
-    if world > 1 and backend is not None and not backend.supports_tp:
-        raise ModelTestError(f"the {backend_name} backend does not run tensor parallel; launch it without torchrun")
+    init(lay)
+    lock = None
+    try:
+        if lay.main:  # rank 0 decides what is left to do; the others learn it from it
+            try:
+                lock = RunLock(paths.debug_dir).acquire()
+                done = _resume(paths, fingerprint, opts.overwrite)
+                task.check_outputs(paths, family, done, opts.overwrite)
+                status = ("ok", set(done))
+            except ModelTestError as e:
+                status = ("error", str(e))
+        status = broadcast(status if lay.main else None, lay)
+        if status[0] == "error":
+            raise ModelTestError(status[1])
+        todo = [s for s in samples if s.id not in status[1]]
+        mine = share(todo, lay)
 
-    records = {s.id: done[s.id] for s in samples if s.id in done}
-    infer_time = _loop(task, backend, todo, records, paths, opts, rank0) if todo else 0.0
-    if not rank0:
-        return RunResult([], 0.0, len(samples), 0, paths)
+        load_time = 0.0
+        if todo and backend is None:  # every rank loads (a tensor-parallel engine forms its groups together)
+            for key, value in (model_cfg.env or {}).items():
+                os.environ[key] = value
+            t0 = time.perf_counter()
+            backend = create_backend(backend_name, model_cfg, device, lay.tp, opts.batch_size)
+            load_time = time.perf_counter() - t0
 
-    ordered = [records[s.id] for s in samples]
-    timings = {
-        "wall_s": time.time() - started,
-        "model_load_s": load_time,
-        "inference_s": infer_time,
-        "samples_this_run": len(todo),
-        "samples_per_s": len(todo) / infer_time if infer_time > 0 else None,
-        "resumed_samples": len(samples) - len(todo),
-    }
-    return _finish(task, ordered, paths, opts, fingerprint, timings, device, family, model_name)
+        records = {s.id: done[s.id] for s in samples if s.id in done} if lay.main else {}
+        infer_time = _loop(task, backend, mine, records, paths, opts, lay) if mine else 0.0
+        theirs = gather([records[s.id] for s in mine] if lay.leader and not lay.main else None, lay)
+        if not lay.main:
+            return RunResult([], 0.0, len(samples), 0, paths)
+
+        _merge(paths, records, [r for part in theirs if part for r in part], opts, lay)
+        ordered = [records[s.id] for s in samples]
+        timings = {
+            "wall_s": time.time() - started,
+            "model_load_s": load_time,
+            "inference_s": infer_time,
+            "samples_this_run": len(todo),
+            "samples_per_s": len(todo) / infer_time if infer_time > 0 else None,
+            "resumed_samples": len(samples) - len(todo),
+            "data_parallel": lay.dp,
+        }
+        return _finish(task, ordered, paths, opts, fingerprint, timings, device, family, model_name, lay)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _check_only(task, model_cfg, backend_name, backend, paths, fingerprint, family, opts, lay) -> RunResult:
+    """--check_only (mm_run.sh's pre-flight before torchrun): every check a run makes before loading —
+    the backend's own (the model splits --tp ways), the output folder's lock, a resumed folder's
+    configuration, the task's outputs — then nothing is loaded and nothing is written."""
+    if backend is None:
+        backend_class(backend_name).check(model_cfg, lay.tp)
+    if paths.debug_dir.exists():
+        RunLock(paths.debug_dir).acquire().release()
+        done = _resume(paths, fingerprint, opts.overwrite, dry=True)
+    else:
+        done = {}
+    task.check_outputs(paths, family, done, opts.overwrite)
+    print(f"modeltest: check passed; {len(done)} samples done already ({paths.debug_dir})", file=sys.stderr)
+    return RunResult([], 0.0, 0, 0, paths)
 
 
 def _select_predicted(samples: list[Sample], predictions: dict, path: str) -> list[Sample]:
@@ -156,7 +198,9 @@ def _select_predicted(samples: list[Sample], predictions: dict, path: str) -> li
     return chosen
 
 
-def _device(backend_name: str, device: str | None, backend: Backend | None) -> tuple[str, str]:
+def _device(backend_name: str, device: str | None, backend: Backend | None, lay: Layout) -> tuple[str, str]:
+    """The device this rank runs on, and its family (the seed's folder name). Under torchrun an
+    accelerator without an index is LOCAL_RANK's."""
     from engine import DeviceError, resolve_device
 
     if backend_name == "predictions":
@@ -167,6 +211,8 @@ def _device(backend_name: str, device: str | None, backend: Backend | None) -> t
         device = resolve_device(device)
     except DeviceError as e:
         raise ModelTestError(str(e)) from None
+    if lay.world > 1 and device in ("cuda", "npu"):
+        device = f"{device}:{os.environ.get('LOCAL_RANK', '0')}"
     return device, device_family(device)
 
 
@@ -189,9 +235,13 @@ def _flatten(d, prefix="") -> dict:
     return out
 
 
-def _resume(paths: RunPaths, fingerprint: dict, overwrite: bool) -> dict:
+def _resume(paths: RunPaths, fingerprint: dict, overwrite: bool, dry: bool = False) -> dict:
+    """The records an earlier run of the same configuration finished (its data-parallel shards folded
+    into samples.jsonl first); a different configuration is refused. `dry`: look, change nothing."""
     if overwrite:
-        for p in (paths.samples, paths.run_config):
+        if dry:
+            return {}
+        for p in (paths.samples, paths.run_config, *shards(paths.samples)):
             if p.exists():
                 p.unlink()
     if paths.run_config.exists():
@@ -204,9 +254,38 @@ def _resume(paths: RunPaths, fingerprint: dict, overwrite: bool) -> dict:
                 f"{paths.debug_dir} holds samples made with a different configuration ({shown}); "
                 "rerun with --overwrite to start over, or choose another --output_dir"
             )
-    else:
+    elif not dry:
         write_json(paths.run_config, fingerprint)
-    return read_samples(paths.samples)
+    records = read_samples(paths.samples)
+    for shard in shards(paths.samples):
+        extra = {k: v for k, v in read_samples(shard).items() if k not in records}
+        if not dry:
+            _append(paths.samples, extra.values())
+            shard.unlink()
+        records.update(extra)
+    return records
+
+
+def _append(path: Path, records) -> None:
+    with JsonlAppender(path) as log:
+        for rec in records:
+            log.write(rec)
+
+
+def _merge(paths: RunPaths, records: dict, theirs: list[dict], opts: RunOptions, lay: Layout) -> None:
+    """Rank 0: the other data-parallel groups' results into samples.jsonl (and the seed's debug txt),
+    and their shards removed."""
+    new = [r for r in theirs if r["id"] not in records]
+    _append(paths.samples, new)
+    records.update((r["id"], r) for r in new)
+    if opts.save_debug and new:
+        with open(paths.debug_dir / f"outputs_{datetime.now():%Y%m%d_%H%M%S}_dp.txt", "a", encoding="utf-8") as f:
+            for rec in new:
+                f.write(json.dumps([rec["raw_output"], rec["prompt"], rec["e2e_time"]], ensure_ascii=False) + "\n")
+    for rank in range(1, lay.world):
+        path = shard_path(paths.samples, rank)
+        if path.exists():
+            path.unlink()
 
 
 def _generate(backend: Backend, requests: list[Request], emit) -> None:
@@ -259,16 +338,20 @@ def _record(task: Task, sample: Sample, gen: Generation) -> dict:
     }
 
 
-def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, rank0: bool) -> float:
+def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, lay: Layout) -> float:
+    """Run `todo` through the backend; a group leader records each result as it finishes (rank 0 into
+    samples.jsonl, the other leaders into their shard), the other ranks of a group only compute."""
     from tqdm import tqdm
 
     total_score = sum(r["score"] for r in records.values())
     debug_txt = None
-    if opts.save_debug and rank0:
+    if opts.save_debug and lay.main:
         debug_txt = open(paths.debug_dir / f"outputs_{datetime.now():%Y%m%d_%H%M%S}.txt", "a", encoding="utf-8")
-    log = JsonlAppender(paths.samples) if rank0 else None
+    log = None
+    if lay.leader:
+        log = JsonlAppender(paths.samples if lay.main else shard_path(paths.samples, lay.rank))
     bar = tqdm(total=len(records) + len(todo), initial=len(records), unit="sample", desc=task.config.task_name,
-               disable=not (opts.progress and rank0), dynamic_ncols=True)  # fmt: skip
+               disable=not (opts.progress and lay.main), dynamic_ncols=True)  # fmt: skip
     infer_time = 0.0
     try:
         size = max(opts.batch_size, backend.window or 0)
@@ -277,7 +360,7 @@ def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, rank0
 
             def emit(i: int, gen: Generation, batch=batch) -> None:
                 nonlocal total_score
-                if not rank0:
+                if log is None:
                     return
                 rec = _record(task, batch[i], gen)
                 log.write(rec)
@@ -302,7 +385,7 @@ def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, rank0
 
 
 def _finish(task: Task, records: list[dict], paths: RunPaths, opts: RunOptions, fingerprint: dict,
-            timings: dict, device: str, family: str, model_name: str) -> RunResult:  # fmt: skip
+            timings: dict, device: str, family: str, model_name: str, lay: Layout) -> RunResult:  # fmt: skip
     cfg = task.config
     metric = task.metric
     shots = cfg.shots
@@ -335,7 +418,8 @@ def _finish(task: Task, records: list[dict], paths: RunPaths, opts: RunOptions, 
         "rows": [dict(zip(CSV_COLUMNS, r, strict=True)) for r in rows],
         "device": device,
         "batch_size": opts.batch_size,
-        "tp": opts.tp,
+        "tp": lay.tp,
+        "dp": lay.dp,
         "timings": timings,
         "config": fingerprint,
         "versions": _versions(),

@@ -1,5 +1,6 @@
-"""What tests/test_tensor_parallel.py runs in each process (under torchrun) and in its own (tp 1): the
-engine on the tiny Qwen-VL, recording what the comparison needs.
+"""Helpers of the distributed tests: `torchrun` (start processes on CPU, bounded in time), and what
+tests/test_tensor_parallel.py runs in each process (under torchrun) and in its own (tp 1): the engine
+on the tiny Qwen-VL, recording what the comparison needs.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py CKPT PHOTOS OUT
 """
@@ -7,10 +8,27 @@ engine on the tiny Qwen-VL, recording what the comparison needs.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DIST_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 300, env: dict | None = None, wait: bool = True):
+    """`python -m torch.distributed.run --standalone --nproc_per_node nproc *args` on CPU with a 60 s
+    collective timeout: the finished process (subprocess.TimeoutExpired past `timeout`), or with
+    wait=False the running Popen."""
+    env = {**os.environ, "MODELTEST_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1", **(env or {})}
+    for key in DIST_ENV:
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 LM_PREFIXES = ("transformer.h.", "transformer.wte.", "lm_head.")
 

@@ -76,18 +76,25 @@ def test_image_label_fits_the_span():
 
 def _env():
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHON=sys.executable)
-    for key in ("WORLD_SIZE", "ASCEND_RT_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ASCEND_RT_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "NPROC_PER_NODE",
+                "NNODES", "NODE_RANK", "TP", "DP", "MODELTEST_OUTPUT_DIR"):
         env.pop(key, None)
     return env
 
 
+def _mm_run(ckpt, textvqa, out, *flags, env=None):
+    return subprocess.run(
+        ["bash", str(REPO / "scripts/mm_run.sh"), "textvqa", "qwen_vl", "--model_path", str(ckpt),
+         "--dataset_path", str(textvqa), "--limit", "3", "--device", "cpu", "--no_progress", "--batch_size", "2",
+         *flags],
+        env={**_env(), "MODELTEST_OUTPUT_DIR": str(out), **(env or {})}, capture_output=True, text=True,
+        timeout=600, cwd=REPO,
+    )  # fmt: skip
+
+
 def test_mm_run_textvqa_qwen_vl_on_original_format_weights(qwen_vl_ckpt, textvqa, tmp_path):
     out = tmp_path / "out"
-    res = subprocess.run(
-        ["bash", str(REPO / "scripts/mm_run.sh"), "textvqa", "qwen_vl", "--model_path", str(qwen_vl_ckpt),
-         "--dataset_path", str(textvqa), "--limit", "3", "--device", "cpu", "--no_progress", "--batch_size", "2"],
-        env={**_env(), "MODELTEST_OUTPUT_DIR": str(out)}, capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
+    res = _mm_run(qwen_vl_ckpt, textvqa, out)
     assert res.returncode == 0, res.stderr
     (csv_path,) = out.glob("results/CPU/precision_test/textvqa/bf16/qwen_vl/textvqa_pa_batch2_tp1_result.csv")
     assert csv_path.read_text().splitlines()[1].startswith("textvqa,0,3,")
@@ -95,6 +102,19 @@ def test_mm_run_textvqa_qwen_vl_on_original_format_weights(qwen_vl_ckpt, textvqa
     rows = [json.loads(x) for x in samples.read_text().splitlines()]
     assert len(rows) == 3 and all(r["error"] is None and r["output_tokens"] > 0 for r in rows)
     assert rows[0]["prompt"].startswith("<img>") and rows[0]["prompt"].endswith("Answer:")
+
+    # two processes on the CPU, tensor parallel: the pre-flight, then torchrun (this config is bf16, where
+    # the split sums round differently: tests/test_data_parallel.py compares answers in fp32)
+    two = tmp_path / "two"
+    res = _mm_run(qwen_vl_ckpt, textvqa, two, env={"NPROC_PER_NODE": "2", "MODELTEST_DIST_TIMEOUT": "60"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "modeltest: check passed" in res.stderr
+    (csv_two,) = two.glob("results/CPU/precision_test/textvqa/bf16/qwen_vl/textvqa_pa_batch2_tp2_result.csv")
+    assert csv_two.read_text().splitlines()[1].startswith("textvqa,0,3,")
+    (samples_two,) = two.glob("debug/**/samples.jsonl")
+    rows_two = [json.loads(x) for x in samples_two.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows_two) == sorted(r["id"] for r in rows)
+    assert all(r["error"] is None and r["output_tokens"] > 0 for r in rows_two)
 
 
 def test_selftest_runs_the_whole_pipeline(tmp_path):

@@ -480,6 +480,17 @@ def test_kv_cache_memory_gb(qwen_vl_ckpt, dtype, element_size, gb, block_size, m
     assert cache_bytes(llm) == expected * per_block <= gb * 2**30
 
 
+@pytest.mark.parametrize("procs", [1, 4])
+def test_cpu_cache_takes_half_the_free_host_memory_shared_by_the_hosts_processes(qwen_vl_ckpt, monkeypatch, procs):
+    import engine.kv_sizing as kv
+
+    per_block = bytes_per_block(tiny_config(), 16, 4)
+    monkeypatch.setattr(kv, "available_memory", lambda device: 800 * per_block)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(procs))  # torchrun's: processes on this host
+    llm = load(qwen_vl_ckpt, num_blocks=None, max_batch_size=100, max_model_len=512)  # wants 3,200 blocks
+    assert llm.config.num_blocks == 400 // procs
+
+
 def test_kv_cache_budget_too_small(qwen_vl_ckpt):
     with pytest.raises(EngineError, match=r"no room for the KV cache \(kv_cache_memory_gb"):
         load(qwen_vl_ckpt, num_blocks=None, kv_cache_memory_gb=1e-6)

@@ -11,8 +11,6 @@ timeout of 60 s and a 300 s limit on the run):
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,24 +21,13 @@ from engine import LLM, EngineError
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_worker  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def torchrun(nproc: int, script: Path, *args: str, timeout: float = 300, env: dict | None = None):
-    """Run `script` under torchrun on CPU; the finished process (raises if it timed out)."""
-    env = {**os.environ, "MODELTEST_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1", **(env or {})}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(script), *args]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+from dist_worker import REPO, torchrun  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def runs(qwen_vl_ckpt, photo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("tp") / "result"
-    done = torchrun(2, REPO / "tests" / "dist_worker.py", str(qwen_vl_ckpt), str(photo_dir), str(out))
+    done = torchrun(2, str(REPO / "tests" / "dist_worker.py"), str(qwen_vl_ckpt), str(photo_dir), str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in range(2)]
     return dist_worker.run(str(qwen_vl_ckpt), str(photo_dir), 1), ranks

@@ -62,6 +62,11 @@ class Backend(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model (optional)."""
 
+    @classmethod
+    def check(cls, model_cfg, tp: int = 1) -> None:
+        """What loading would check first, without loading (`--check_only`); ModelTestError if not."""
+        check_model_path(model_cfg)
+
 
 class SampleError(Exception):
     """A failure that belongs to one sample: it is recorded and the run continues."""
@@ -112,20 +117,27 @@ def render_qwen_prompt(parts: list[dict], list_format: bool = False) -> str:
 BACKENDS = ("engine", "hf")
 
 
-def create_backend(name: str, model_cfg, device: str | None, tp: int = 1, batch_size: int = 1) -> Backend:
-    """Build the named backend for `model_cfg` (loads the model). `batch_size` is the run's
-    --batch_size: the engine runs that many sequences at once (the seed's meaning)."""
+def backend_class(name: str) -> type[Backend]:
+    """The class of the named backend (nothing is loaded)."""
     from ..errors import unknown_name
 
     if name == "hf":
         from .hf import HFBackend
 
-        return HFBackend(model_cfg, device=device, tp=tp)
+        return HFBackend
     if name == "engine":
         from .engine import EngineBackend
 
-        return EngineBackend(model_cfg, device=device, tp=tp, batch_size=batch_size)
+        return EngineBackend
     raise unknown_name("backend", name, BACKENDS)
+
+
+def create_backend(name: str, model_cfg, device: str | None, tp: int = 1, batch_size: int = 1) -> Backend:
+    """Build the named backend for `model_cfg` (loads the model). `batch_size` is the run's
+    --batch_size: the engine runs that many sequences at once (the seed's meaning)."""
+    if name == "hf":
+        return backend_class(name)(model_cfg, device=device, tp=tp)
+    return backend_class(name)(model_cfg, device=device, tp=tp, batch_size=batch_size)
 
 
 def check_model_path(model_cfg) -> str:

@@ -20,15 +20,24 @@ MAX_LABEL_BYTES = 256  # Qwen-VL's <img>..</img> span holds at most this many pa
 
 class EngineBackend(Backend):
     name = "engine"
-    supports_tp = False  # the engine runs on one device in this version
+    supports_tp = True  # tp > 1: every rank of the group runs the same requests (engine/distributed.py)
     window = 256  # requests handed to the scheduler at once; each is saved as it finishes
     streams = True
+
+    @classmethod
+    def check(cls, model_cfg, tp: int = 1) -> None:
+        """Everything loading would check first, without loading weights (mm_run.sh's pre-flight)."""
+        from engine import EngineError, check_model
+
+        path = check_model_path(model_cfg)
+        try:
+            check_model(path, tensor_parallel_size=tp)
+        except EngineError as e:
+            raise ModelTestError(f"{path}: {e}") from None
 
     def __init__(self, model_cfg, device: str | None = None, tp: int = 1, batch_size: int = 1):
         from engine import LLM, EngineError
 
-        if tp != 1:
-            raise ModelTestError("the engine runs on one device in this version; launch it without torchrun (--tp 1)")
         path = check_model_path(model_cfg)
         params = model_cfg.mm_model.infer_params
         max_model_len = None
@@ -43,6 +52,7 @@ class EngineBackend(Backend):
                 max_batch_size=params.max_batch_size or batch_size,  # the seed's --batch_size: sequences at once
                 max_model_len=max_model_len,
                 max_prefill_tokens=params.max_prefill_tokens,
+                tensor_parallel_size=tp,
             )
         except EngineError as e:
             raise ModelTestError(f"{path}: {e}") from None
