@@ -100,13 +100,14 @@ class JsonlAppender:
         self.close()
 
 
-def read_samples(path: Path) -> dict:
-    """Records already written, by id. A torn last line (the run was killed mid-write) is cut off
-    so the next append starts on a clean line; a bad line anywhere else is an error."""
+def read_samples(path: Path, repair: bool = True) -> dict:
+    """Records already written, by id. A torn last line (the run was killed mid-write) is left out,
+    and with `repair` cut off so the next append starts on a clean line; a bad line anywhere else is
+    an error."""
     if not path.exists():
         return {}
     records = {}
-    with open(path, "rb+") as f:
+    with open(path, "rb+" if repair else "rb") as f:
         lines = f.read().splitlines(keepends=True)
         good = 0
         for lineno, line in enumerate(lines, 1):
@@ -117,7 +118,8 @@ def read_samples(path: Path) -> dict:
                 ok = False
             if not ok:
                 if lineno == len(lines):
-                    f.truncate(good)
+                    if repair:
+                        f.truncate(good)
                     break
                 raise ModelTestError(
                     f"{path}:{lineno}: not a sample record; fix or delete that line, or rerun with --overwrite"

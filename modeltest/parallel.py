@@ -132,7 +132,21 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+", encoding="utf-8")
+        f = self._take(open(self.path, "a+", encoding="utf-8"))
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        self.file = f
+        return self
+
+    def probe(self) -> None:
+        """Raise as `acquire` would when a run holds the lock; change nothing (a run that holds it
+        created the file)."""
+        if self.path.exists():
+            self._take(open(self.path, encoding="utf-8")).close()
+
+    def _take(self, f):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -143,12 +157,7 @@ class RunLock:
                 f"{self.path.parent} is being written by {holder}; wait for that run to end, or choose another "
                 "--output_dir"
             ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        f.flush()
-        self.file = f
-        return self
+        return f
 
     def release(self) -> None:
         if self.file is not None:

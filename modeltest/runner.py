@@ -159,7 +159,6 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
             "samples_this_run": len(todo),
             "samples_per_s": len(todo) / infer_time if infer_time > 0 else None,
             "resumed_samples": len(samples) - len(todo),
-            "data_parallel": lay.dp,
         }
         return _finish(task, ordered, paths, opts, fingerprint, timings, device, family, model_name, lay)
     finally:
@@ -173,11 +172,8 @@ def _check_only(task, model_cfg, backend_name, backend, paths, fingerprint, fami
     configuration, the task's outputs — then nothing is loaded and nothing is written."""
     if backend is None:
         backend_class(backend_name).check(model_cfg, lay.tp)
-    if paths.debug_dir.exists():
-        RunLock(paths.debug_dir).acquire().release()
-        done = _resume(paths, fingerprint, opts.overwrite, dry=True)
-    else:
-        done = {}
+    RunLock(paths.debug_dir).probe()
+    done = _resume(paths, fingerprint, opts.overwrite, dry=True)
     task.check_outputs(paths, family, done, opts.overwrite)
     print(f"modeltest: check passed; {len(done)} samples done already ({paths.debug_dir})", file=sys.stderr)
     return RunResult([], 0.0, 0, 0, paths)
@@ -256,9 +252,9 @@ def _resume(paths: RunPaths, fingerprint: dict, overwrite: bool, dry: bool = Fal
             )
     elif not dry:
         write_json(paths.run_config, fingerprint)
-    records = read_samples(paths.samples)
+    records = read_samples(paths.samples, repair=not dry)
     for shard in shards(paths.samples):
-        extra = {k: v for k, v in read_samples(shard).items() if k not in records}
+        extra = {k: v for k, v in read_samples(shard, repair=not dry).items() if k not in records}
         if not dry:
             _append(paths.samples, extra.values())
             shard.unlink()
@@ -280,12 +276,16 @@ def _merge(paths: RunPaths, records: dict, theirs: list[dict], opts: RunOptions,
     records.update((r["id"], r) for r in new)
     if opts.save_debug and new:
         with open(paths.debug_dir / f"outputs_{datetime.now():%Y%m%d_%H%M%S}_dp.txt", "a", encoding="utf-8") as f:
-            for rec in new:
-                f.write(json.dumps([rec["raw_output"], rec["prompt"], rec["e2e_time"]], ensure_ascii=False) + "\n")
+            f.writelines(_debug_line(rec) for rec in new)
     for rank in range(1, lay.world):
         path = shard_path(paths.samples, rank)
         if path.exists():
             path.unlink()
+
+
+def _debug_line(rec: dict) -> str:
+    """The seed's outputs_<time>.txt line: [output, model input, e2e_time]."""
+    return json.dumps([rec["raw_output"], rec["prompt"], rec["e2e_time"]], ensure_ascii=False) + "\n"
 
 
 def _generate(backend: Backend, requests: list[Request], emit) -> None:
@@ -367,7 +367,7 @@ def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, lay: 
                 records[batch[i].id] = rec
                 total_score += rec["score"]
                 if debug_txt:
-                    debug_txt.write(json.dumps([rec["raw_output"], rec["prompt"], rec["e2e_time"]], ensure_ascii=False) + "\n")
+                    debug_txt.write(_debug_line(rec))
                     debug_txt.flush()
                 bar.update(1)
                 bar.set_postfix({task.metric.name: f"{total_score / len(records):.4f}"}, refresh=False)

@@ -200,6 +200,12 @@ def test_a_second_run_on_the_same_folder_is_refused(setup, single, capsys):
         assert run_cli([*args, "--limit", "4", "--check_only"], out) == 2  # the pre-flight sees it too
     finally:
         lock.release()
+    before = {p: p.read_bytes() for p in debug.parent.iterdir()}
+    with open(debug, "a") as f:
+        f.write('{"id": 34605, "pred')  # a torn last line: a run would cut it off, a check leaves it
+    before[debug] += b'{"id": 34605, "pred'
+    assert run_cli([*args, "--limit", "4", "--check_only"], out) == 0
+    assert {p: p.read_bytes() for p in debug.parent.iterdir()} == before  # the check changed nothing
     assert run_cli([*args, "--limit", "4"], out) == 0
 
 
