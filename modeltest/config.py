@@ -73,7 +73,7 @@ class ModelConfig:
 class MetricConfig:
     # None: the task's own (textvqa: vqa_accuracy, coco_caption: non_empty); the task fills it in
     metric_type: Literal["vqa_accuracy", "exact_match", "non_empty", "acc"] | None = None
-    normalizer: Literal["evalai", "official"] = "evalai"
+    normalizer: Literal["evalai", "vqaeval", "qwen_vl", "official"] = "evalai"
 
     def __post_init__(self):
         # The seed's textvqa.yaml says `metric_type: acc`: its soft VQA accuracy.
