@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "output folder, then exit (0: a run can start); loads and writes nothing")  # fmt: skip
     p.add_argument("--predictions", help="score-only mode: JSONL or JSON list of {question_id, answer}")
     p.add_argument("--save_debug_enable", action="store_true", help="also write the seed's outputs_<time>.txt")
+    p.add_argument("--no_retry_errors", action="store_true", help="keep the samples an earlier run in "
+                   "--output_dir recorded as failed (by default a rerun does them again)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="discard samples from an earlier run in "
                    "output_dir (and replace coco_caption's <device>_coco_rst.json)")  # fmt: skip
     p.add_argument("--max_error_rate", type=float, default=0.0,
@@ -77,6 +79,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         tp=args.tp,
         dp=args.dp,
         check_only=args.check_only,
+        retry_errors=not args.no_retry_errors,
         limit=args.limit,
         seed=args.seed,
         predictions=args.predictions,
@@ -106,7 +109,8 @@ def _on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    world = os.environ.get("WORLD_SIZE", "1")
+    distributed = world.isdigit() and int(world) > 1
     where = f" (rank {os.environ.get('RANK', '0')})" if distributed else ""
     if distributed:
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -115,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             from .selftest import main as selftest
 
             return selftest(argv[1:])
+        if argv[:1] == ["compare"]:
+            from .compare import main as compare
+
+            return compare(argv[1:])
         return run_cli(argv)
     except ModelTestError as e:
         print(f"modeltest: error{where}: {e}", file=sys.stderr)
@@ -127,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
               "command to resume", file=sys.stderr)  # fmt: skip
         return 143
     except BrokenPipeError:
+        return EXIT_BAD_INPUT
+    except OSError as e:  # the disk filled up, a folder became unwritable, ...: not a bug in the run
+        print(f"modeltest: error{where}: {e}; what was written so far is kept: rerun the same command to resume",
+              file=sys.stderr)  # fmt: skip
         return EXIT_BAD_INPUT
     except Exception as e:
         if distributed and _is_distributed_error(e):  # a peer is gone or a collective timed out

@@ -55,8 +55,8 @@ def layout(tp: int | None, dp: int | None, planned: bool = False) -> Layout:
     """The run's layout from torchrun's environment and --tp / --dp (one of them may be left out: the
     other is the world divided by it; both left out: all processes in one tensor-parallel group).
     `planned` (mm_run.sh's pre-flight, one process before torchrun): the world is tp x dp."""
-    world = int(os.environ.get("WORLD_SIZE", "0")) or ((tp or 1) * (dp or 1) if planned else 1)
-    rank = int(os.environ.get("RANK", "0"))
+    world = _env_int("WORLD_SIZE", 0) or ((tp or 1) * (dp or 1) if planned else 1)
+    rank = _env_int("RANK", 0)
     for flag, value in (("--tp", tp), ("--dp", dp)):
         if value is not None and value < 1:
             raise ModelTestError(f"{flag} must be >= 1, got {value}")
@@ -74,6 +74,20 @@ def layout(tp: int | None, dp: int | None, planned: bool = False) -> Layout:
             "starts one per visible device)"
         )
     return Layout(world, rank, tp, dp)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ModelTestError(f"environment variable {name}={raw!r} is not a whole number (torchrun sets it; unset it "
+                             "to run one process)")  # fmt: skip
+    return value
 
 
 def init(lay: Layout) -> None:

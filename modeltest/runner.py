@@ -16,18 +16,21 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from .backends.base import Backend, Generation, Request, backend_class, check_model_path, create_backend
+from .compare import dataset_fingerprint
 from .config import ModelConfig, TaskConfig, to_dict
 from .errors import EXIT_TOO_MANY_ERRORS, ModelTestError
 from .output import (
     CSV_COLUMNS,
     JsonlAppender,
     RunPaths,
+    atomic_write,
     device_family,
     read_samples,
     run_paths,
@@ -35,9 +38,11 @@ from .output import (
     write_json,
 )
 from .parallel import Layout, RunLock, broadcast, gather, init, layout, shard_path, shards, share
+from .stats import Uncertainty
 from .tasks import Sample, Task, get_task
 
 PREDICTIONS_MODEL_NAME = "predictions"
+REFRESH_S = 30.0  # the results CSV and JSON are rewritten at most this often while a run goes
 
 
 @dataclass
@@ -49,6 +54,7 @@ class RunOptions:
     tp: int | None = None  # None: the world's processes / dp (all of them when dp is None too)
     dp: int | None = None  # data-parallel groups; None: the world / tp
     check_only: bool = False  # check every input and the output folder, load nothing, write nothing
+    retry_errors: bool = True  # samples an earlier run recorded as failed are done again
     limit: int | None = None
     seed: int = 0  # how a task that samples --limit draws them (coco_caption); the same seed, the same sample
     predictions: str | None = None
@@ -124,8 +130,9 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
     try:
         if lay.main:  # rank 0 decides what is left to do; the others learn it from it
             try:
+                _check_writable(paths)
                 lock = RunLock(paths.debug_dir).acquire()
-                done = _resume(paths, fingerprint, opts.overwrite)
+                done = _resume(paths, fingerprint, opts.overwrite, retry_errors=opts.retry_errors)
                 task.check_outputs(paths, family, done, opts.overwrite)
                 status = ("ok", set(done))
             except ModelTestError as e:
@@ -145,7 +152,13 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
             load_time = time.perf_counter() - t0
 
         records = {s.id: done[s.id] for s in samples if s.id in done} if lay.main else {}
-        infer_time = _loop(task, backend, mine, records, paths, opts, lay) if mine else 0.0
+
+        def refresh(so_far: dict) -> None:  # rank 0, while the run goes: the results so far
+            finished = [so_far[s.id] for s in samples if s.id in so_far]
+            _write_results(task, finished, paths, opts, fingerprint, {"wall_s": time.time() - started}, device,
+                           model_name, lay, {}, complete=False)  # fmt: skip
+
+        infer_time = _loop(task, backend, mine, records, paths, opts, lay, refresh) if mine else 0.0
         theirs = gather([records[s.id] for s in mine] if lay.leader and not lay.main else None, lay)
         if not lay.main:
             return RunResult([], 0.0, len(samples), 0, paths)
@@ -172,8 +185,9 @@ def _check_only(task, model_cfg, backend_name, backend, paths, fingerprint, fami
     configuration, the task's outputs — then nothing is loaded and nothing is written."""
     if backend is None:
         backend_class(backend_name).check(model_cfg, lay.tp)
+    _check_writable(paths, dry=True)
     RunLock(paths.debug_dir).probe()
-    done = _resume(paths, fingerprint, opts.overwrite, dry=True)
+    done = _resume(paths, fingerprint, opts.overwrite, dry=True, retry_errors=opts.retry_errors)
     task.check_outputs(paths, family, done, opts.overwrite)
     print(f"modeltest: check passed; {len(done)} samples done already ({paths.debug_dir})", file=sys.stderr)
     return RunResult([], 0.0, 0, 0, paths)
@@ -231,18 +245,26 @@ def _flatten(d, prefix="") -> dict:
     return out
 
 
-def _resume(paths: RunPaths, fingerprint: dict, overwrite: bool, dry: bool = False) -> dict:
+def _resume(paths: RunPaths, fingerprint: dict, overwrite: bool, dry: bool = False, retry_errors: bool = True) -> dict:
     """The records an earlier run of the same configuration finished (its data-parallel shards folded
-    into samples.jsonl first); a different configuration is refused. `dry`: look, change nothing."""
+    into samples.jsonl first); a different configuration is refused while samples made with it are
+    there (a run that failed before its first sample blocks nothing). With `retry_errors` the samples
+    that failed are dropped, so this run does them again. `dry`: look, change nothing."""
     if overwrite:
         if dry:
             return {}
         for p in (paths.samples, paths.run_config, *shards(paths.samples)):
             if p.exists():
                 p.unlink()
-    if paths.run_config.exists():
-        stored = json.loads(paths.run_config.read_text(encoding="utf-8"))
-        old, new = _flatten(stored), _flatten(json.loads(json.dumps(fingerprint)))
+    records = read_samples(paths.samples, repair=not dry)
+    for shard in shards(paths.samples):
+        extra = {k: v for k, v in read_samples(shard, repair=not dry).items() if k not in records}
+        if not dry:
+            _append(paths.samples, extra.values())
+            shard.unlink()
+        records.update(extra)
+    if paths.run_config.exists() and records:
+        old, new = _flatten(_read_run_config(paths.run_config)), _flatten(json.loads(json.dumps(fingerprint)))
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         if changed:
             shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
@@ -252,14 +274,44 @@ def _resume(paths: RunPaths, fingerprint: dict, overwrite: bool, dry: bool = Fal
             )
     elif not dry:
         write_json(paths.run_config, fingerprint)
-    records = read_samples(paths.samples, repair=not dry)
-    for shard in shards(paths.samples):
-        extra = {k: v for k, v in read_samples(shard, repair=not dry).items() if k not in records}
-        if not dry:
-            _append(paths.samples, extra.values())
-            shard.unlink()
-        records.update(extra)
+    failed = {k for k, r in records.items() if r.get("error") is not None}
+    if retry_errors and failed:
+        records = {k: r for k, r in records.items() if k not in failed}
+        if not dry:  # samples.jsonl keeps one record per sample: the failed ones go, their retries come
+            atomic_write(paths.samples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values()))
     return records
+
+
+def _check_writable(paths: RunPaths, dry: bool = False) -> None:
+    """Before any work: the results and debug folders can be created and written (a --output_dir
+    that is a file, read-only or on a full disk is found now, not after the run). `dry`: only look."""
+    for folder in (paths.result_csv.parent, paths.debug_dir):
+        try:
+            if dry:
+                existing = next(p for p in (folder, *folder.parents) if p.exists())
+                if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+                    raise PermissionError(13, "not a writable folder", str(existing))
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            where = e.filename or folder
+            raise ModelTestError(f"cannot write the run's outputs under {where}: {e.strerror}; choose another "
+                                 "--output_dir (or free space)") from None  # fmt: skip
+
+
+def _read_run_config(path: Path) -> dict:
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        stored = None
+    if not isinstance(stored, dict):
+        raise ModelTestError(f"{path}: not a run configuration (empty or damaged); delete it to resume with this "
+                             "configuration, or rerun with --overwrite")  # fmt: skip
+    return stored
 
 
 def _append(path: Path, records) -> None:
@@ -338,9 +390,10 @@ def _record(task: Task, sample: Sample, gen: Generation) -> dict:
     }
 
 
-def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, lay: Layout) -> float:
+def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, lay: Layout, refresh=None) -> float:
     """Run `todo` through the backend; a group leader records each result as it finishes (rank 0 into
-    samples.jsonl, the other leaders into their shard), the other ranks of a group only compute."""
+    samples.jsonl, the other leaders into their shard), the other ranks of a group only compute.
+    Rank 0 calls `refresh(records)` at most every REFRESH_S seconds."""
     from tqdm import tqdm
 
     total_score = sum(r["score"] for r in records.values())
@@ -353,13 +406,14 @@ def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, lay: 
     bar = tqdm(total=len(records) + len(todo), initial=len(records), unit="sample", desc=task.config.task_name,
                disable=not (opts.progress and lay.main), dynamic_ncols=True)  # fmt: skip
     infer_time = 0.0
+    refreshed = time.monotonic()
     try:
         size = max(opts.batch_size, backend.window or 0)
         for start in range(0, len(todo), size):
             batch = todo[start : start + size]
 
             def emit(i: int, gen: Generation, batch=batch) -> None:
-                nonlocal total_score
+                nonlocal total_score, refreshed
                 if log is None:
                     return
                 rec = _record(task, batch[i], gen)
@@ -371,6 +425,9 @@ def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, lay: 
                     debug_txt.flush()
                 bar.update(1)
                 bar.set_postfix({task.metric.name: f"{total_score / len(records):.4f}"}, refresh=False)
+                if refresh is not None and lay.main and time.monotonic() - refreshed >= REFRESH_S:
+                    refresh(records)
+                    refreshed = time.monotonic()
 
             t0 = time.perf_counter()
             _generate(backend, [task.request(s) for s in batch], emit)
@@ -386,21 +443,36 @@ def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, lay: 
 
 def _finish(task: Task, records: list[dict], paths: RunPaths, opts: RunOptions, fingerprint: dict,
             timings: dict, device: str, family: str, model_name: str, lay: Layout) -> RunResult:  # fmt: skip
+    extra_paths = task.write_outputs(records, paths, family)  # first: a scorer that fails loses no output
+    rows, spread, summary = _write_results(task, records, paths, opts, fingerprint, timings, device, model_name, lay,
+                                           extra_paths, complete=True)  # fmt: skip
+    failed = summary["error_rate"] > opts.max_error_rate
+    _print_table(rows, spread, summary["errors"], failed, paths, extra_paths)
+    code = EXIT_TOO_MANY_ERRORS if failed else 0
+    return RunResult(rows, summary["value"], len(records), summary["errors"], paths, code, summary)
+
+
+def _write_results(task: Task, records: list[dict], paths: RunPaths, opts: RunOptions, fingerprint: dict,
+                   timings: dict, device: str, model_name: str, lay: Layout, extra_paths: dict,
+                   complete: bool) -> tuple[list, list, dict]:  # fmt: skip
+    """The results CSV and JSON over `records`. While the run goes (`complete` False) they hold the
+    samples finished so far, without the corpus metrics (those score all captions at once)."""
     cfg = task.config
     metric = task.metric
     shots = cfg.shots
-    extra_paths = task.write_outputs(records, paths, family)  # first: a scorer that fails loses no output
     scores = [r["score"] for r in records]
     value = metric.aggregate(scores)
     rows = [[cfg.task_name, shots, len(records), sum(scores), metric.name, value]]
-    corpus = task.corpus_metrics(records)
+    spread = [Uncertainty.of(scores)]  # per row: the uncertainty over samples (None: a corpus metric)
+    corpus = task.corpus_metrics(records) if complete else []
     rows += [[cfg.task_name, shots, total, None, name, v] for name, total, v in corpus]  # Pass: not a count
+    spread += [None] * len(corpus)
     for subject in dict.fromkeys(r["subject"] for r in records):
         sub = [r["score"] for r in records if r["subject"] == subject]
         rows.append([subject, shots, len(sub), sum(sub), metric.name, metric.aggregate(sub)])
+        spread.append(Uncertainty.of(sub))
     errors = sum(1 for r in records if r["error"] is not None)
     error_rate = errors / len(records) if records else 0.0
-    failed = error_rate > opts.max_error_rate
     csv_rows = [[r[0], r[1], r[2], None if r[3] is None else round(r[3], 6), r[4], round(r[5], 6)] for r in rows]
     write_csv(paths.result_csv, csv_rows)
     summary = {
@@ -409,13 +481,18 @@ def _finish(task: Task, records: list[dict], paths: RunPaths, opts: RunOptions, 
         "metric": metric.name,
         "normalizer": cfg.metric.normalizer,
         "value": value,
+        "stderr": spread[0].stderr,
+        "ci95": list(spread[0].ci95),
+        "complete": complete,
+        "dataset_fingerprint": dataset_fingerprint(records),
         "corpus_metrics": {name: v for name, _, v in corpus},
         "total": len(records),
         "pass": sum(scores),
         "errors": errors,
         "error_rate": error_rate,
         "max_error_rate": opts.max_error_rate,
-        "rows": [dict(zip(CSV_COLUMNS, r, strict=True)) for r in rows],
+        "rows": [{**dict(zip(CSV_COLUMNS, r, strict=True)), "stderr": u.stderr if u else None,
+                  "ci95": list(u.ci95) if u else None} for r, u in zip(rows, spread, strict=True)],
         "device": device,
         "batch_size": opts.batch_size,
         "tp": lay.tp,
@@ -424,22 +501,21 @@ def _finish(task: Task, records: list[dict], paths: RunPaths, opts: RunOptions, 
         "config": fingerprint,
         "versions": _versions(),
         "git_commit": _git_commit(),
-        "finished_at": datetime.now().isoformat(timespec="seconds"),
+        ("finished_at" if complete else "updated_at"): datetime.now().isoformat(timespec="seconds"),
         "paths": {"csv": str(paths.result_csv), "samples": str(paths.samples),
                   **{k: str(p) for k, p in extra_paths.items()}},
     }  # fmt: skip
     write_json(paths.result_json, summary)
-    _print_table(csv_rows, errors, failed, paths, extra_paths)
-    code = EXIT_TOO_MANY_ERRORS if failed else 0
-    return RunResult(rows, value, len(records), errors, paths, code, summary)
+    return csv_rows, spread, summary
 
 
-def _print_table(rows, errors: int, failed: bool, paths: RunPaths, extra_paths: dict) -> None:
+def _print_table(rows, spread, errors: int, failed: bool, paths: RunPaths, extra_paths: dict) -> None:
     from tabulate import tabulate
     from termcolor import colored
 
     color = "red" if failed else "green"
-    shown = [r[:5] + [colored(f"{r[5]:.4f}", color)] for r in rows]
+    shown = [r[:5] + [colored(f"{r[5]:.4f}" + (f" ± {u.stderr:.4f}" if u else ""), color)]
+             for r, u in zip(rows, spread, strict=True)]  # fmt: skip
     print(tabulate(shown, headers=CSV_COLUMNS, tablefmt="github"))
     status = colored(f"errors: {errors}", "red" if errors else "green")
     print(f"{status}\nresults: {paths.result_csv}\nsamples: {paths.samples}")

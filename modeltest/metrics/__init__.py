@@ -1,4 +1,5 @@
-"""Metric registry: a metric is a per-sample function plus an aggregation, registered by name.
+"""Metric registry: a metric is a per-sample function plus an aggregation, registered by name, and
+declares which way is better.
 
 `get_metric(name, normalizer)` returns a `Metric` whose `score(prediction, references)` gives one
 sample's score in [0, 1] and whose `aggregate(scores)` gives the corpus value. Corpus metrics that
@@ -24,11 +25,14 @@ class Metric:
     name: str
     score: Callable[[str, Sequence], float]
     aggregate: Callable[[Sequence[float]], float] = mean
+    higher_is_better: bool = True  # comparisons (modeltest compare) read a drop in this direction
 
 
-NORMALIZERS = ("evalai", "official")
+# evalai (mmf's EvalAI processor), vqaeval (GT-Vision-Lab vqaEval.py, current), qwen_vl (Qwen-VL's
+# eval_mm copy of the pre-2021 vqaEval.py) and official (an alias of qwen_vl): see metrics/vqa.py.
+NORMALIZERS = vqa.NORMALIZERS
 
-_VQA = {"evalai": vqa.vqa_accuracy_evalai, "official": vqa.vqa_accuracy_official}
+_VQA = vqa.VQA_ACCURACY
 _METRICS: dict[str, Callable[[str], Metric]] = {
     "vqa_accuracy": lambda norm: Metric("vqa_accuracy", _VQA[norm]),
     "exact_match": lambda norm: Metric("exact_match", partial(vqa.exact_match, normalizer=norm)),

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ModelTestError, closest
+from ..stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED  # one bootstrap for every comparison
 from .clip_towers import image_encoder, text_encoder
 
 if TYPE_CHECKING:
@@ -35,8 +36,6 @@ CLIP_S_WEIGHT = 2.5  # Hessel et al. 2021, section 3
 SEED_MODEL = "ViT-H-14"  # the seed's model; its weights are open_clip's laion2b_s32b_b79k
 SEED_WEIGHTS = "open_clip_pytorch_model.bin"
 _PREFETCH_BATCHES = 2  # batches decoded ahead of the one on an accelerator
-BOOTSTRAP_RESAMPLES = 10_000
-BOOTSTRAP_SEED = 0
 _SHOWN_KEYS = 5
 _MIN_TEXT_BUCKET = 8  # texts
 
@@ -400,19 +399,14 @@ def paired_bootstrap(
     confidence: float = 0.95,
 ) -> tuple[float, float, float]:
     """Mean of (candidate - reference) over paired images and its percentile bootstrap interval
-    (images resampled with replacement; fixed seed)."""
+    (images resampled with replacement; fixed seed): modeltest.stats.bootstrap_ci of the differences."""
+    from ..stats import bootstrap_ci
+
     diff = np.asarray(candidate, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
     if diff.ndim != 1 or diff.size == 0:
         raise ValueError("paired_bootstrap needs two equal-length, non-empty 1-d arrays")
-    rng = np.random.default_rng(seed)
-    chunk = max(1, min(resamples, 4_000_000 // diff.size))  # bounds the index matrix to ~32 MB
-    means = np.empty(resamples)
-    for lo in range(0, resamples, chunk):
-        hi = min(resamples, lo + chunk)
-        means[lo:hi] = diff[rng.integers(0, diff.size, size=(hi - lo, diff.size))].mean(axis=1)
-    tail = 100 * (1 - confidence) / 2
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(diff.mean()), float(low), float(high)
+    low, high = bootstrap_ci(diff, resamples, seed, confidence)
+    return float(diff.mean()), low, high
 
 
 @dataclass(frozen=True)
@@ -440,9 +434,12 @@ def compare(
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
 ) -> Comparison:
+    from ..stats import paired, verdict
+
     candidate = np.asarray(candidate, dtype=np.float64)
     reference = np.asarray(reference, dtype=np.float64)
     mean_diff, low, high = paired_bootstrap(candidate, reference, resamples, seed)
+    stats = paired(reference, candidate)  # the verdict modeltest compare gives (gate "abs")
     return Comparison(
         num_shared=int(candidate.size),
         candidate_clip_score=float(candidate.mean()),
@@ -453,5 +450,5 @@ def compare(
         ci95=(low, high),
         share_worse=float(np.mean(candidate - reference < -tolerance)),
         tolerance=float(tolerance),
-        verdict="PASS" if -mean_diff <= tolerance else "FAIL",
+        verdict=verdict(stats, max_drop=tolerance),
     )

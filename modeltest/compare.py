@@ -1,0 +1,365 @@
+"""`modeltest compare BASELINE CANDIDATE`: is the candidate run as accurate as the baseline?
+
+BASELINE and CANDIDATE are run output folders (as --output_dir wrote them; each task in them is
+compared with the same task in the other), result JSON files (`*_result.json`), or CLIP score
+summaries (`*_clip_score.json`, compared on their per-image cosine). Samples are paired by id.
+Two runs over different data are refused with the differences listed, unless --allow_different
+(then the shared samples are compared and the rest counted). The data's fingerprint is a SHA-256
+over the samples' ids, questions, image file names and references (not the rendered prompts: the
+same image has another path on another machine).
+
+Per task (formulas in modeltest/stats.py): both scores, the paired difference (candidate -
+baseline), its standard error, 95% intervals (paired bootstrap over samples, seeded; and the closed
+form), a one-sided p-value that the candidate is worse, the samples improved / regressed / unchanged,
+the share whose prediction text changed at all, and the most regressed samples. Verdict: FAIL when
+the drop (in the metric's direction) is more than --max_drop; with --gate stat, only when the drop is
+also significant at --alpha. Exit codes: 0 PASS, 1 FAIL, 2 bad input.
+
+Writes compare.json and compare.csv (one row per sample whose prediction or score changed) to
+--output (default: the candidate's folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ModelTestError
+from .output import write_json
+from .stats import Paired, paired, verdict
+
+EXIT_FAIL = 1
+TOP = 10
+
+
+@dataclass
+class TaskRun:
+    """One task's finished run: its per-sample records and what describes them."""
+
+    task: str
+    metric: str
+    higher_is_better: bool
+    source: Path  # the JSON it was read from
+    records: dict  # id -> {"score", "prediction", "question", "image", "references", "error"}
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def folder(self) -> Path:
+        return self.source.parent
+
+
+def dataset_fingerprint(records) -> str:
+    """SHA-256 over the samples' ids, questions, image file names and references, in id order."""
+    items = sorted(
+        ([str(r["id"]), r.get("question"), os.path.basename(str(r.get("image") or "")), r.get("references") or []]
+         for r in records),
+        key=lambda item: item[0],
+    )  # fmt: skip
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
+def higher_is_better(metric: str) -> bool:
+    """As the metric declares it (the corpus metrics and clip_score, outside the registry, are all
+    higher-is-better)."""
+    from .metrics import available_metrics, get_metric
+
+    return get_metric(metric).higher_is_better if metric in available_metrics() else True
+
+
+# ---- reading runs -----------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelTestError(f"{path}: not a readable JSON file: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelTestError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _samples_path(result_json: Path, summary: dict) -> Path:
+    """samples.jsonl of a run: where the summary says, or (a moved folder) where the layout puts it:
+    <out>/results/<rel>/<stem>_result.json -> <out>/debug/<rel>/<stem>/samples.jsonl."""
+    stated = Path(summary.get("paths", {}).get("samples", ""))
+    if stated.is_file():
+        return stated
+    parts = result_json.parts
+    if "results" in parts:
+        i = len(parts) - 1 - parts[::-1].index("results")
+        stem = result_json.name.removesuffix("_result.json")
+        derived = Path(*parts[:i], "debug", *parts[i + 1 : -1], stem, "samples.jsonl")
+        if derived.is_file():
+            return derived
+    raise ModelTestError(f"{result_json}: its samples.jsonl is neither at {stated} nor beside the results folder")
+
+
+def _read_samples(path: Path) -> dict:
+    out = {}
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                if not line.endswith("\n"):  # a torn last line: that sample never finished
+                    continue
+                raise ModelTestError(f"{path}:{lineno}: not a sample record") from None
+            if not isinstance(rec, dict) or "id" not in rec or "score" not in rec:
+                raise ModelTestError(f"{path}:{lineno}: not a sample record (needs 'id' and 'score')")
+            out[rec["id"]] = rec
+    return out
+
+
+def load_result(path: Path) -> TaskRun:
+    summary = _read_json(path)
+    if "comparison" in summary or path.name.endswith("_clip_score.json"):
+        return _load_clip(path, summary)
+    for key in ("task", "metric"):
+        if key not in summary:
+            raise ModelTestError(f"{path}: not a modeltest result JSON (no {key!r})")
+    records = _read_samples(_samples_path(path, summary))
+    return TaskRun(summary["task"], summary["metric"], higher_is_better(summary["metric"]), path, records, summary)
+
+
+def _load_clip(path: Path, summary: dict) -> TaskRun:
+    """A clip_score summary: the per-image cosine from its CSV is the sample score."""
+    table = Path(summary.get("outputs", {}).get("csv") or path.with_name(path.name.replace(".json", ".csv")))
+    if not table.is_file():
+        table = path.with_name(path.name.removesuffix(".json") + ".csv")
+    if not table.is_file():
+        raise ModelTestError(f"{path}: its per-image CSV ({table.name}) is not beside it")
+    records = {}
+    with open(table, encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            records[row["image"]] = {"id": row["image"], "score": float(row["cos"]), "prediction": row["caption"],
+                                     "image": row["image"], "references": [], "question": None}  # fmt: skip
+    return TaskRun("clip_score", "clip_score", True, path, records, summary)
+
+
+def load_runs(path: str | Path) -> dict[str, TaskRun]:
+    """The task runs in a folder (every result JSON below it) or in one JSON file, by task."""
+    path = Path(path)
+    if path.is_file():
+        run = load_result(path)
+        return {run.task: run}
+    if not path.is_dir():
+        raise ModelTestError(f"{path}: no such run folder or result JSON")
+    files = sorted(path.glob("results/**/*_result.json")) + sorted(path.glob("**/*_clip_score.json"))
+    if not files:
+        raise ModelTestError(f"{path}: no results/**/*_result.json or *_clip_score.json below it")
+    runs: dict[str, TaskRun] = {}
+    for f in files:
+        run = load_result(f)
+        if run.task in runs:
+            raise ModelTestError(
+                f"{path} holds two runs of {run.task} ({runs[run.task].source} and {f}); give the result JSON files "
+                "to compare instead of the folder"
+            )
+        runs[run.task] = run
+    return runs
+
+
+# ---- comparing ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    max_drop: float = 0.01
+    gate: str = "abs"
+    alpha: float = 0.05
+    allow_different: bool = False
+    top: int = TOP
+
+
+def _differences(base: TaskRun, cand: TaskRun) -> list[str]:
+    only_b = sorted(set(base.records) - set(cand.records), key=str)
+    only_c = sorted(set(cand.records) - set(base.records), key=str)
+    out = []
+    for label, ids in (("only in the baseline", only_b), ("only in the candidate", only_c)):
+        if ids:
+            out.append(f"{len(ids)} sample(s) {label} (e.g. {', '.join(map(repr, ids[:3]))})")
+    changed = [
+        i for i in base.records.keys() & cand.records.keys()
+        if dataset_fingerprint([base.records[i]]) != dataset_fingerprint([cand.records[i]])
+    ]  # fmt: skip
+    if changed:
+        changed.sort(key=str)
+        out.append(f"{len(changed)} sample(s) with another question, image or references "
+                   f"(e.g. {', '.join(map(repr, changed[:3]))})")  # fmt: skip
+    return out
+
+
+def compare_task(base: TaskRun, cand: TaskRun, opts: Options) -> dict:
+    if base.metric != cand.metric:
+        raise ModelTestError(f"{base.task}: the baseline is scored with {base.metric}, the candidate with {cand.metric}")
+    differences = _differences(base, cand)
+    if differences and not opts.allow_different:
+        raise ModelTestError(f"{base.task}: the runs are over different data: {'; '.join(differences)}; rerun on the "
+                             "same samples, or pass --allow_different to compare the shared ones")  # fmt: skip
+    ids = sorted(base.records.keys() & cand.records.keys(), key=str)
+    if not ids:
+        raise ModelTestError(f"{base.task}: the runs share no sample")
+    b = [float(base.records[i]["score"]) for i in ids]
+    c = [float(cand.records[i]["score"]) for i in ids]
+    stats = paired(b, c, base.higher_is_better)
+    sign = 1 if base.higher_is_better else -1
+    gain = {i: sign * (cb - bb) for i, bb, cb in zip(ids, b, c, strict=True)}
+    changed = {i for i in ids if base.records[i].get("prediction") != cand.records[i].get("prediction")}
+    worst = sorted((i for i in ids if gain[i] < 0), key=lambda i: (gain[i], str(i)))[: opts.top]
+    return {
+        "task": base.task,
+        "metric": base.metric,
+        "higher_is_better": base.higher_is_better,
+        "baseline": stats.baseline,
+        "candidate": stats.candidate,
+        "diff": stats.diff,
+        "stderr": stats.stderr,
+        "ci95": list(stats.ci95),
+        "ci95_normal": list(stats.ci95_normal),
+        "p_value": stats.p_value,
+        "n": stats.n,
+        "improved": [i for i in ids if gain[i] > 0],
+        "regressed": [i for i in ids if gain[i] < 0],
+        "unchanged": stats.unchanged,
+        "changed_predictions": len(changed),
+        "changed_predictions_share": len(changed) / len(ids),
+        "errors": {"baseline": _errors(base, ids), "candidate": _errors(cand, ids)},
+        "not_compared": differences,
+        "top_regressed": [_sample_row(base, cand, i, gain[i]) for i in worst],
+        "verdict": verdict(stats, opts.max_drop, opts.gate, opts.alpha),
+        "max_drop": opts.max_drop,
+        "gate": opts.gate,
+        "alpha": opts.alpha,
+        "baseline_source": str(base.source),
+        "candidate_source": str(cand.source),
+        "dataset_fingerprint": dataset_fingerprint(base.records[i] for i in ids),
+        "_changed_rows": [_sample_row(base, cand, i, gain[i]) for i in ids if i in changed or gain[i] != 0],
+        "_stats": stats,
+    }
+
+
+def _errors(run: TaskRun, ids: list) -> int:
+    return sum(1 for i in ids if run.records[i].get("error"))
+
+
+def _sample_row(base: TaskRun, cand: TaskRun, i, gain: float) -> dict:
+    rb, rc = base.records[i], cand.records[i]
+    refs = [r["answer"] if isinstance(r, dict) else r for r in (rb.get("references") or [])]
+    return {"id": i, "question": rb.get("question"), "image": os.path.basename(str(rb.get("image") or "")),
+            "baseline_prediction": rb.get("prediction"), "candidate_prediction": rc.get("prediction"),
+            "baseline_score": rb["score"], "candidate_score": rc["score"], "gain": gain, "references": refs}  # fmt: skip
+
+
+def compare(baseline: str | Path, candidate: str | Path, opts: Options) -> dict:
+    base_runs, cand_runs = load_runs(baseline), load_runs(candidate)
+    shared = [t for t in cand_runs if t in base_runs]
+    if not shared:
+        raise ModelTestError(f"{baseline} and {candidate} have no task in common "
+                             f"(baseline: {', '.join(base_runs)}; candidate: {', '.join(cand_runs)})")  # fmt: skip
+    tasks = [compare_task(base_runs[t], cand_runs[t], opts) for t in shared]
+    missing = sorted(set(base_runs) - set(cand_runs))
+    return {
+        "verdict": "FAIL" if any(t["verdict"] == "FAIL" for t in tasks) or missing else "PASS",
+        "tasks": tasks,
+        "missing_in_candidate": missing,
+        "baseline": str(baseline),
+        "candidate": str(candidate),
+    }
+
+
+# ---- output ------------------------------------------------------------------------------------------
+
+
+def write(result: dict, out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [dict(task=t["task"], **r) for t in result["tasks"] for r in t["_changed_rows"]]
+    clean = {**result, "tasks": [{k: v for k, v in t.items() if not k.startswith("_")} for t in result["tasks"]]}
+    json_path, csv_path = out / "compare.json", out / "compare.csv"
+    write_json(json_path, clean)
+    buf = io.StringIO()
+    cols = ["task", "id", "question", "image", "baseline_prediction", "candidate_prediction", "baseline_score",
+            "candidate_score", "gain", "references"]  # fmt: skip
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for row in rows:
+        w.writerow({**row, "references": json.dumps(row["references"], ensure_ascii=False)})
+    from .output import atomic_write
+
+    atomic_write(csv_path, buf.getvalue())
+    return json_path, csv_path
+
+
+def print_report(result: dict, top: int) -> None:
+    from tabulate import tabulate
+    from termcolor import colored
+
+    rows = []
+    for t in result["tasks"]:
+        s: Paired = t["_stats"]
+        lo, hi = s.ci95
+        color = "green" if t["verdict"] == "PASS" else "red"
+        rows.append([t["task"], t["metric"], f"{s.baseline:.4f}", f"{s.candidate:.4f}",
+                     f"{s.diff:+.4f} [{lo:+.4f}, {hi:+.4f}]", f"{s.stderr:.4f}", f"{s.p_value:.3g}",
+                     f"{s.improved}/{s.regressed}/{s.unchanged}",
+                     f"{t['changed_predictions']} ({100 * t['changed_predictions_share']:.1f}%)",
+                     colored(t["verdict"], color)])  # fmt: skip
+    print(tabulate(rows, headers=["task", "metric", "baseline", "candidate", "diff [95% CI]", "stderr",
+                                  "p (worse)", "better/worse/same", "changed preds", "verdict"],
+                   tablefmt="github", disable_numparse=True))  # fmt: skip
+    for t in result["tasks"]:
+        if t["not_compared"]:
+            print(f"{t['task']}: not compared: {'; '.join(t['not_compared'])}")
+        if t["top_regressed"][:top]:
+            print(f"\n{t['task']}: most regressed samples")
+            table = [[r["id"], _short(r["baseline_prediction"]), _short(r["candidate_prediction"]),
+                      f"{r['gain']:+.3f}", _short(", ".join(map(str, r["references"][:3])))]
+                     for r in t["top_regressed"][:top]]  # fmt: skip
+            print(tabulate(table, headers=["id", "baseline", "candidate", "score", "references"], tablefmt="github"))
+    if result["missing_in_candidate"]:
+        print(f"missing in the candidate: {', '.join(result['missing_in_candidate'])} (FAIL)")
+    verdict_text = colored(result["verdict"], "green" if result["verdict"] == "PASS" else "red")
+    print(f"\nverdict: {verdict_text}")
+
+
+def _short(text, width: int = 40) -> str:
+    text = "" if text is None else str(text).replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modeltest compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("baseline", help="the baseline run: its output folder or a result JSON")
+    p.add_argument("candidate", help="the candidate run: its output folder or a result JSON")
+    p.add_argument("--max_drop", type=float, default=0.01, help="the largest drop that passes, absolute (default 0.01)")
+    p.add_argument("--gate", choices=("abs", "stat"), default="abs",
+                   help="abs: FAIL when the drop exceeds --max_drop; stat: only when it is also significant")  # fmt: skip
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level of --gate stat (default 0.05)")
+    p.add_argument("--allow_different", action="store_true", help="compare the shared samples of runs over different data")
+    p.add_argument("--top", type=int, default=TOP, help=f"most regressed samples shown per task (default {TOP})")
+    p.add_argument("--output", help="folder for compare.json and compare.csv (default: the candidate's folder)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not (args.max_drop >= 0 and math.isfinite(args.max_drop)):
+        raise ModelTestError(f"--max_drop must be a finite number >= 0, got {args.max_drop}")
+    if not 0 < args.alpha < 1:
+        raise ModelTestError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    opts = Options(args.max_drop, args.gate, args.alpha, args.allow_different, args.top)
+    result = compare(args.baseline, args.candidate, opts)
+    candidate = Path(args.candidate)
+    out = Path(args.output) if args.output else (candidate if candidate.is_dir() else candidate.parent)
+    json_path, csv_path = write(result, out)
+    print_report(result, args.top)
+    print(f"compare.json: {json_path}\ncompare.csv:  {csv_path}", file=sys.stderr)
+    return 0 if result["verdict"] == "PASS" else EXIT_FAIL
