@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "output folder, then exit (0: a run can start); loads and writes nothing")  # fmt: skip
     p.add_argument("--predictions", help="score-only mode: JSONL or JSON list of {question_id, answer}")
     p.add_argument("--save_debug_enable", action="store_true", help="also write the seed's outputs_<time>.txt")
+    p.add_argument("--history", default=os.environ.get("MODELTEST_HISTORY") or None,
+                   help="record the finished run in this SQLite history (default: $MODELTEST_HISTORY)")  # fmt: skip
     p.add_argument("--no_retry_errors", action="store_true", help="keep the samples an earlier run in "
                    "--output_dir recorded as failed (by default a rerun does them again)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="discard samples from an earlier run in "
@@ -80,6 +82,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         dp=args.dp,
         check_only=args.check_only,
         retry_errors=not args.no_retry_errors,
+        history=args.history,
         limit=args.limit,
         seed=args.seed,
         predictions=args.predictions,
@@ -123,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             from .compare import main as compare
 
             return compare(argv[1:])
+        if argv[:1] == ["history"]:
+            from .history import main as history
+
+            return history(argv[1:])
         return run_cli(argv)
     except ModelTestError as e:
         print(f"modeltest: error{where}: {e}", file=sys.stderr)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .errors import ModelTestError
 from .output import write_json
-from .stats import Paired, paired, verdict
+from .stats import paired, verdict
 
 EXIT_FAIL = 1
 TOP = 10
@@ -281,7 +281,7 @@ def compare(baseline: str | Path, candidate: str | Path, opts: Options) -> dict:
 
 def write(result: dict, out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    rows = [dict(task=t["task"], **r) for t in result["tasks"] for r in t["_changed_rows"]]
+    rows = [dict(task=t["task"], **r) for t in result["tasks"] for r in t.get("_changed_rows", [])]
     clean = {**result, "tasks": [{k: v for k, v in t.items() if not k.startswith("_")} for t in result["tasks"]]}
     json_path, csv_path = out / "compare.json", out / "compare.csv"
     write_json(json_path, clean)
@@ -302,23 +302,30 @@ def print_report(result: dict, top: int) -> None:
     from tabulate import tabulate
     from termcolor import colored
 
+    def num(value, fmt=".4f") -> str:
+        return "—" if value is None else format(value, fmt)
+
     rows = []
     for t in result["tasks"]:
-        s: Paired = t["_stats"]
-        lo, hi = s.ci95
-        color = "green" if t["verdict"] == "PASS" else "red"
-        rows.append([t["task"], t["metric"], f"{s.baseline:.4f}", f"{s.candidate:.4f}",
-                     f"{s.diff:+.4f} [{lo:+.4f}, {hi:+.4f}]", f"{s.stderr:.4f}", f"{s.p_value:.3g}",
-                     f"{s.improved}/{s.regressed}/{s.unchanged}",
-                     f"{t['changed_predictions']} ({100 * t['changed_predictions_share']:.1f}%)",
-                     colored(t["verdict"], color)])  # fmt: skip
-    print(tabulate(rows, headers=["task", "metric", "baseline", "candidate", "diff [95% CI]", "stderr",
-                                  "p (worse)", "better/worse/same", "changed preds", "verdict"],
+        ci = t.get("ci95")
+        diff = num(t.get("diff"), "+.4f") + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci and "_stats" in t else "")
+        counts = f"{len(t['improved'])}/{len(t['regressed'])}/{t['unchanged']}" if "improved" in t else "—"
+        changed = (f"{t['changed_predictions']} ({100 * t['changed_predictions_share']:.1f}%)"
+                   if "changed_predictions" in t else "—")  # fmt: skip
+        rows.append([t["task"], t["metric"], num(t.get("baseline")), num(t.get("candidate")), diff,
+                     num(t.get("stderr")), num(t.get("p_value"), ".3g"), counts, changed,
+                     colored(t["verdict"], "green" if t["verdict"] == "PASS" else "red")])  # fmt: skip
+    baseline = "reference" if "reference" in result else "baseline"
+    print(tabulate(rows, headers=["task", "metric", baseline, "candidate", "diff [95% CI]", "stderr", "p (worse)",
+                                  "better/worse/same", "changed preds", "verdict"],
                    tablefmt="github", disable_numparse=True))  # fmt: skip
     for t in result["tasks"]:
-        if t["not_compared"]:
+        for key in ("note", "source"):
+            if t.get(key):
+                print(f"{t['task']}: {t[key]}")
+        if t.get("not_compared"):
             print(f"{t['task']}: not compared: {'; '.join(t['not_compared'])}")
-        if t["top_regressed"][:top]:
+        if t.get("top_regressed", [])[:top]:
             print(f"\n{t['task']}: most regressed samples")
             table = [[r["id"], _short(r["baseline_prediction"]), _short(r["candidate_prediction"]),
                       f"{r['gain']:+.3f}", _short(", ".join(map(str, r["references"][:3])))]
@@ -336,9 +343,15 @@ def _short(text, width: int = 40) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="modeltest compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("baseline", help="the baseline run: its output folder or a result JSON")
-    p.add_argument("candidate", help="the candidate run: its output folder or a result JSON")
+    p = argparse.ArgumentParser(prog="modeltest compare", description=__doc__.split("\n\n")[0],
+                                usage="modeltest compare [BASELINE] CANDIDATE [options]")  # fmt: skip
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="BASELINE CANDIDATE (output folders or result JSONs); only CANDIDATE with --history or "
+                        "--reference")  # fmt: skip
+    p.add_argument("--history", help="take the baseline from this history database (the latest PASS, else the "
+                   "first run of the same task, model and data) and record the verdict")  # fmt: skip
+    p.add_argument("--reference", help="gate against the reference figures in this YAML "
+                   "(results/references/<model>.yaml) instead of a baseline run")  # fmt: skip
     p.add_argument("--max_drop", type=float, default=0.01, help="the largest drop that passes, absolute (default 0.01)")
     p.add_argument("--gate", choices=("abs", "stat"), default="abs",
                    help="abs: FAIL when the drop exceeds --max_drop; stat: only when it is also significant")  # fmt: skip
@@ -355,11 +368,73 @@ def main(argv: list[str] | None = None) -> int:
         raise ModelTestError(f"--max_drop must be a finite number >= 0, got {args.max_drop}")
     if not 0 < args.alpha < 1:
         raise ModelTestError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    single = bool(args.history or args.reference)
+    if args.history and args.reference:
+        raise ModelTestError("--history and --reference choose the baseline two ways: give one")
+    if len(args.runs) != (1 if single else 2):
+        want = "one run (CANDIDATE)" if single else "two runs (BASELINE CANDIDATE)"
+        raise ModelTestError(f"modeltest compare takes {want}{' with --history / --reference' if single else ''}; "
+                             f"got {len(args.runs)}")  # fmt: skip
     opts = Options(args.max_drop, args.gate, args.alpha, args.allow_different, args.top)
-    result = compare(args.baseline, args.candidate, opts)
-    candidate = Path(args.candidate)
+    candidate = Path(args.runs[-1])
+    if args.reference:
+        result = compare_reference(args.reference, candidate, opts)
+    elif args.history:
+        result = compare_history(args.history, candidate, opts)
+    else:
+        result = compare(args.runs[0], candidate, opts)
     out = Path(args.output) if args.output else (candidate if candidate.is_dir() else candidate.parent)
     json_path, csv_path = write(result, out)
     print_report(result, args.top)
     print(f"compare.json: {json_path}\ncompare.csv:  {csv_path}", file=sys.stderr)
     return 0 if result["verdict"] == "PASS" else EXIT_FAIL
+
+
+def compare_reference(reference: str | Path, candidate: Path, opts: Options) -> dict:
+    """Each task of the candidate against the matching entry of a reference file (modeltest/references.py)."""
+    from . import references
+    from .stats import Uncertainty
+
+    refs = references.load(reference)
+    tasks = []
+    for run in load_runs(candidate).values():
+        ref = references.match(refs, run.summary)
+        if ref is None:
+            want = ", ".join(f"{k} {v!r}" for k, v in references.describe(run.summary).items())
+            raise ModelTestError(f"{reference}: no reference for this run ({want}); entries: "
+                                 + "; ".join(f"{r.task}/{r.metric}/{r.evaluator}/{r.dtype}" for r in refs))  # fmt: skip
+        spread = Uncertainty.of([float(r["score"]) for r in run.records.values()])
+        gated = references.gate(ref, spread.value, spread.stderr, opts.alpha)
+        tasks.append({"task": run.task, "metric": run.metric, "baseline": ref.score, "n": len(run.records),
+                      "ci95": list(spread.ci95), **gated, "candidate_source": str(run.source)})  # fmt: skip
+    return {"verdict": "FAIL" if any(t["verdict"] == "FAIL" for t in tasks) else "PASS", "tasks": tasks,
+            "reference": str(reference), "candidate": str(candidate), "missing_in_candidate": []}  # fmt: skip
+
+
+def compare_history(db: str | Path, candidate: Path, opts: Options) -> dict:
+    """Each task of the candidate against its baseline in the history; the verdicts are recorded."""
+    from . import history
+
+    con = history.connect(db)
+    tasks = []
+    for run in load_runs(candidate).values():
+        if run.task == "clip_score":
+            raise ModelTestError(f"{run.source}: the history keeps modeltest runs; compare CLIP scores file to file")
+        row = history.find_run(con, run.source)
+        if row is None:  # a run made without --history: recorded now
+            history.record_run(db, run.summary, run.source, candidate if candidate.is_dir() else run.folder)
+            row = history.find_run(con, run.source)
+        base = history.baseline_for(con, row)
+        if base is None:
+            task = {"task": run.task, "metric": run.metric, "verdict": "PASS", "baseline": None,
+                    "candidate": run.summary.get("value"), "n": len(run.records), "diff": None, "p_value": None,
+                    "note": "the first run of its task, model and data: the baseline from now on"}  # fmt: skip
+        else:
+            task = compare_task(load_result(Path(base["result_json"])), run, opts)
+            task["baseline_run"] = base["id"]
+        task["candidate_run"] = row["id"]
+        history.record_comparison(con, {k: v for k, v in task.items() if not k.startswith("_")},
+                                  None if base is None else base["id"], row["id"], row["model"])  # fmt: skip
+        tasks.append(task)
+    return {"verdict": "FAIL" if any(t["verdict"] == "FAIL" for t in tasks) else "PASS", "tasks": tasks,
+            "history": str(db), "candidate": str(candidate), "missing_in_candidate": []}  # fmt: skip

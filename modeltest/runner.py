@@ -55,6 +55,7 @@ class RunOptions:
     dp: int | None = None  # data-parallel groups; None: the world / tp
     check_only: bool = False  # check every input and the output folder, load nothing, write nothing
     retry_errors: bool = True  # samples an earlier run recorded as failed are done again
+    history: str | None = None  # a SQLite history database the finished run is recorded in
     limit: int | None = None
     seed: int = 0  # how a task that samples --limit draws them (coco_caption); the same seed, the same sample
     predictions: str | None = None
@@ -156,7 +157,7 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
         def refresh(so_far: dict) -> None:  # rank 0, while the run goes: the results so far
             finished = [so_far[s.id] for s in samples if s.id in so_far]
             _write_results(task, finished, paths, opts, fingerprint, {"wall_s": time.time() - started}, device,
-                           model_name, lay, {}, complete=False)  # fmt: skip
+                           model_name, lay, {}, complete=False, dtype=defaults.data_type)  # fmt: skip
 
         infer_time = _loop(task, backend, mine, records, paths, opts, lay, refresh) if mine else 0.0
         theirs = gather([records[s.id] for s in mine] if lay.leader and not lay.main else None, lay)
@@ -173,7 +174,10 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
             "samples_per_s": len(todo) / infer_time if infer_time > 0 else None,
             "resumed_samples": len(samples) - len(todo),
         }
-        return _finish(task, ordered, paths, opts, fingerprint, timings, device, family, model_name, lay)
+        result = _finish(task, ordered, paths, opts, fingerprint, timings, device, family, model_name, lay,
+                         defaults.data_type)  # fmt: skip
+        _after(result, opts)
+        return result
     finally:
         if lock:
             lock.release()
@@ -442,10 +446,10 @@ def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, lay: 
 
 
 def _finish(task: Task, records: list[dict], paths: RunPaths, opts: RunOptions, fingerprint: dict,
-            timings: dict, device: str, family: str, model_name: str, lay: Layout) -> RunResult:  # fmt: skip
+            timings: dict, device: str, family: str, model_name: str, lay: Layout, dtype: str) -> RunResult:  # fmt: skip
     extra_paths = task.write_outputs(records, paths, family)  # first: a scorer that fails loses no output
     rows, spread, summary = _write_results(task, records, paths, opts, fingerprint, timings, device, model_name, lay,
-                                           extra_paths, complete=True)  # fmt: skip
+                                           extra_paths, complete=True, dtype=dtype)  # fmt: skip
     failed = summary["error_rate"] > opts.max_error_rate
     _print_table(rows, spread, summary["errors"], failed, paths, extra_paths)
     code = EXIT_TOO_MANY_ERRORS if failed else 0
@@ -454,7 +458,7 @@ def _finish(task: Task, records: list[dict], paths: RunPaths, opts: RunOptions, 
 
 def _write_results(task: Task, records: list[dict], paths: RunPaths, opts: RunOptions, fingerprint: dict,
                    timings: dict, device: str, model_name: str, lay: Layout, extra_paths: dict,
-                   complete: bool) -> tuple[list, list, dict]:  # fmt: skip
+                   complete: bool, dtype: str) -> tuple[list, list, dict]:  # fmt: skip
     """The results CSV and JSON over `records`. While the run goes (`complete` False) they hold the
     samples finished so far, without the corpus metrics (those score all captions at once)."""
     cfg = task.config
@@ -494,6 +498,7 @@ def _write_results(task: Task, records: list[dict], paths: RunPaths, opts: RunOp
         "rows": [{**dict(zip(CSV_COLUMNS, r, strict=True)), "stderr": u.stderr if u else None,
                   "ci95": list(u.ci95) if u else None} for r, u in zip(rows, spread, strict=True)],
         "device": device,
+        "dtype": dtype,
         "batch_size": opts.batch_size,
         "tp": lay.tp,
         "dp": lay.dp,
@@ -507,6 +512,21 @@ def _write_results(task: Task, records: list[dict], paths: RunPaths, opts: RunOp
     }  # fmt: skip
     write_json(paths.result_json, summary)
     return csv_rows, spread, summary
+
+
+def _after(result: RunResult, opts: RunOptions) -> None:
+    """A finished run: recorded in the history (--history), and how far it is from its reference figure
+    when results/references/ has one for its model, task, metric, evaluator and dtype."""
+    from . import history, references
+
+    if opts.history:
+        run_id = history.record_run(opts.history, result.summary, result.paths.result_json, opts.output_dir)
+        print(f"history: run {run_id} in {opts.history}")
+    ref = references.match(references.for_model(result.summary.get("model")), result.summary)
+    if ref is not None:
+        g = references.gate(ref, result.summary["value"], result.summary["stderr"])
+        print(f"reference: {g['reference']:.4f} (tolerance {g['tolerance']:g}; {ref.file.name}); this run "
+              f"{g['candidate']:.4f} ± {g['stderr']:.4f}, {g['diff']:+.4f}: {g['verdict']}")  # fmt: skip
 
 
 def _print_table(rows, spread, errors: int, failed: bool, paths: RunPaths, extra_paths: dict) -> None:
