@@ -228,14 +228,14 @@ class LLMEngine:
                 outputs.append(RequestOutput.from_sequence(seq))
         return outputs
 
-    def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, stamp: float) -> None:
+    def _append(self, seq: Sequence, token: int, logprobs, stamp: float) -> None:
         """Add one generated token, then check whether it ends the sequence: an end token (not part of
         the text), a stop string in the new text (the text ends before it), max_tokens or max_model_len."""
         if seq.first_token_time is None:
             seq.first_token_time = stamp
         if logprobs is not None:
             seq.logprobs.append(logprobs)
-            seq.cumulative_logprob += logprobs[token]
+            seq.cumulative_logprob += float(logprobs[token])
         seq.output_token_ids.append(token)
         p, n, detok = seq.params, len(seq.output_token_ids), seq.detokenizer
         if token in seq.end_ids:

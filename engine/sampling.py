@@ -66,7 +66,8 @@ class SamplingParams:
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1.0 disables it)"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids"),
-            (self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0), "logprobs must be >= 0"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= -1),
+             "logprobs must be >= 0, or -1 for the whole distribution"),
             (self.seed is None or isinstance(self.seed, int), "seed must be an integer or None"),
             (isinstance(self.output_kind, RequestOutputKind), "output_kind must be a RequestOutputKind"),
         ]
@@ -82,7 +83,9 @@ class SamplingParams:
 @dataclass
 class SamplerOutput:
     tokens: list[int]
-    logprobs: list[dict[int, float] | None]  # per row: {token_id: logprob} when the request asked
+    # per row, when the request asked: {token_id: logprob}, or (logprobs=-1) the whole distribution as a
+    # float32 CPU tensor [vocab]
+    logprobs: list[dict[int, float] | torch.Tensor | None]
 
 
 class Sampler:
@@ -121,12 +124,18 @@ class Sampler:
             tokens[rows] = self._sample(logits[rows], [seqs[i] for i in sampled])
 
         token_list = tokens.tolist()
-        out: list[dict[int, float] | None] = [None] * n
+        out: list[dict[int, float] | torch.Tensor | None] = [None] * n
         if logp is not None:
-            chosen = torch.tensor([token_list[i] for i in want_logprobs], device=logp.device)
-            for i, entry in zip(want_logprobs, top_logprobs(logp, chosen, [params[i].logprobs for i in want_logprobs]),
-                                strict=True):  # fmt: skip
-                out[i] = entry
+            top = [(j, i) for j, i in enumerate(want_logprobs) if params[i].logprobs >= 0]
+            if top:
+                rows = [j for j, _ in top]
+                chosen = torch.tensor([token_list[i] for _, i in top], device=logp.device)
+                entries = top_logprobs(logp[rows], chosen, [params[i].logprobs for _, i in top])
+                for (_, i), entry in zip(top, entries, strict=True):
+                    out[i] = entry
+            for j, i in enumerate(want_logprobs):
+                if params[i].logprobs == -1:
+                    out[i] = logp[j].float().cpu()
         return SamplerOutput(token_list, out)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

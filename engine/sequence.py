@@ -90,7 +90,9 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None = None
-    logprobs: list[dict[int, float]] | None = None  # per token: {token_id: logprob}, top-k and the chosen one
+    # per token: {token_id: logprob}, top-k and the chosen one (logprobs=-1: the whole distribution, a
+    # float32 tensor [vocab])
+    logprobs: list | None = None
     finish_reason: str | None = None  # "stop" (end token or stop string), "length", "abort" or "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
 

@@ -178,6 +178,70 @@ class Options:
     alpha: float = 0.05
     allow_different: bool = False
     top: int = TOP
+    logits: bool = False
+
+
+# the seed's "simplified" logits rule
+KL_MAX = 1e-3  # the greatest per-token KL divergence allowed
+KL_HIGH = 1e-4  # a token above this counts as high ...
+KL_HIGH_SHARE = 0.005  # ... and at most this share of the tokens may be high
+
+
+def _load_logits(run: TaskRun, rec: dict):
+    """(token ids [T], log-probabilities [T, vocab]) a run stored for a sample, or None."""
+    name = rec.get("logits")
+    if not name:
+        return None
+    path = _samples_dir(run) / name
+    if not path.is_file():
+        raise ModelTestError(f"{run.source}: sample {rec['id']!r} names {name}, which is not in {path.parent}")
+    from safetensors.torch import load_file
+
+    data = load_file(str(path))
+    return data["token_ids"], data["logprobs"]
+
+
+def _samples_dir(run: TaskRun) -> Path:
+    return _samples_path(run.source, run.summary).parent
+
+
+def kl_divergence(base_logp, cand_logp):
+    """KL(baseline || candidate) of each row, in float64: sum_v p_b(v) (log p_b(v) - log p_c(v))."""
+    import torch
+
+    b, c = base_logp.double(), cand_logp.double()
+    p = b.exp()
+    terms = torch.where(p > 0, p * (b - c), torch.zeros_like(p))  # 0 log 0 = 0, also where log p_c = -inf
+    return terms.sum(dim=-1)
+
+
+def compare_logits(base: TaskRun, cand: TaskRun, ids: list) -> dict:
+    """Per-token KL divergence on the positions where both runs had generated the same tokens so far
+    (position t compares the distributions of token t given the same prefix), for the samples both
+    runs stored; where each sample first diverges; and the seed's rule."""
+    samples, kls = [], []
+    for i in ids:
+        b, c = _load_logits(base, base.records[i]), _load_logits(cand, cand.records[i])
+        if b is None or c is None:
+            continue
+        (bt, bl), (ct, cl) = b, c
+        n = min(len(bt), len(ct))
+        same = int((bt[:n] == ct[:n]).long().cumprod(0).sum())  # tokens equal so far
+        upto = min(n, same + 1)  # the first differing token's distribution still has the same prefix
+        kl = kl_divergence(bl[:upto], cl[:upto]) if upto else None
+        values = [] if kl is None else kl.tolist()
+        kls += values
+        samples.append({"id": i, "tokens_compared": upto, "first_divergence": same if same < n else None,
+                        "max_kl": max(values) if values else 0.0, "kl": values})  # fmt: skip
+    if not samples:
+        raise ModelTestError(f"{base.task}: --logits: no sample has stored log-probabilities in both runs "
+                             "(run with need_logits: true in the task config)")  # fmt: skip
+    high = sum(1 for k in kls if k > KL_HIGH)
+    worst = max(kls) if kls else 0.0
+    share = high / len(kls) if kls else 0.0
+    return {"samples": samples, "tokens": len(kls), "max_kl": worst, "high_kl_share": share,
+            "rule": f"max KL <= {KL_MAX:g} and the share of tokens with KL > {KL_HIGH:g} <= {KL_HIGH_SHARE:.1%}",
+            "verdict": "PASS" if worst <= KL_MAX and share <= KL_HIGH_SHARE else "FAIL"}  # fmt: skip
 
 
 def _differences(base: TaskRun, cand: TaskRun) -> list[str]:
@@ -211,6 +275,7 @@ def compare_task(base: TaskRun, cand: TaskRun, opts: Options) -> dict:
     b = [float(base.records[i]["score"]) for i in ids]
     c = [float(cand.records[i]["score"]) for i in ids]
     stats = paired(b, c, base.higher_is_better)
+    logits = compare_logits(base, cand, ids) if opts.logits else None
     sign = 1 if base.higher_is_better else -1
     gain = {i: sign * (cb - bb) for i, bb, cb in zip(ids, b, c, strict=True)}
     changed = {i for i in ids if base.records[i].get("prediction") != cand.records[i].get("prediction")}
@@ -235,7 +300,10 @@ def compare_task(base: TaskRun, cand: TaskRun, opts: Options) -> dict:
         "errors": {"baseline": _errors(base, ids), "candidate": _errors(cand, ids)},
         "not_compared": differences,
         "top_regressed": [_sample_row(base, cand, i, gain[i]) for i in worst],
-        "verdict": verdict(stats, opts.max_drop, opts.gate, opts.alpha),
+        "verdict": "FAIL" if verdict(stats, opts.max_drop, opts.gate, opts.alpha) == "FAIL"
+        or (logits and logits["verdict"] == "FAIL") else "PASS",
+        "score_verdict": verdict(stats, opts.max_drop, opts.gate, opts.alpha),
+        "logits": logits,
         "max_drop": opts.max_drop,
         "gate": opts.gate,
         "alpha": opts.alpha,
@@ -323,6 +391,12 @@ def print_report(result: dict, top: int) -> None:
         for key in ("note", "source"):
             if t.get(key):
                 print(f"{t['task']}: {t[key]}")
+        if t.get("logits"):
+            lg = t["logits"]
+            diverged = [s for s in lg["samples"] if s["first_divergence"] is not None]
+            print(f"{t['task']}: logits over {lg['tokens']} tokens of {len(lg['samples'])} samples: max KL "
+                  f"{lg['max_kl']:.3g}, {100 * lg['high_kl_share']:.2f}% of tokens above {KL_HIGH:g}, "
+                  f"{len(diverged)} samples diverge ({lg['rule']}): {lg['verdict']}")  # fmt: skip
         if t.get("not_compared"):
             print(f"{t['task']}: not compared: {'; '.join(t['not_compared'])}")
         if t.get("top_regressed", [])[:top]:
@@ -358,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of --gate stat (default 0.05)")
     p.add_argument("--allow_different", action="store_true", help="compare the shared samples of runs over different data")
     p.add_argument("--top", type=int, default=TOP, help=f"most regressed samples shown per task (default {TOP})")
+    p.add_argument("--logits", action="store_true", help="also compare the output distributions the runs stored "
+                   "(need_logits: true): per-token KL divergence and the seed's rule")  # fmt: skip
     p.add_argument("--output", help="folder for compare.json and compare.csv (default: the candidate's folder)")
     return p
 
@@ -375,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         want = "one run (CANDIDATE)" if single else "two runs (BASELINE CANDIDATE)"
         raise ModelTestError(f"modeltest compare takes {want}{' with --history / --reference' if single else ''}; "
                              f"got {len(args.runs)}")  # fmt: skip
-    opts = Options(args.max_drop, args.gate, args.alpha, args.allow_different, args.top)
+    opts = Options(args.max_drop, args.gate, args.alpha, args.allow_different, args.top, args.logits)
     candidate = Path(args.runs[-1])
     if args.reference:
         result = compare_reference(args.reference, candidate, opts)
@@ -418,8 +494,10 @@ def compare_history(db: str | Path, candidate: Path, opts: Options) -> dict:
     con = history.connect(db)
     tasks = []
     for run in load_runs(candidate).values():
-        if run.task == "clip_score":
-            raise ModelTestError(f"{run.source}: the history keeps modeltest runs; compare CLIP scores file to file")
+        if run.task == "clip_score":  # a CLIP summary beside a caption run: gated by clip_score --reference
+            if not candidate.is_dir():
+                raise ModelTestError(f"{run.source}: the history keeps modeltest runs; compare CLIP scores file to file")
+            continue
         row = history.find_run(con, run.source)
         if row is None:  # a run made without --history: recorded now
             history.record_run(db, run.summary, run.source, candidate if candidate.is_dir() else run.folder)

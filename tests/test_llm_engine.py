@@ -6,7 +6,8 @@
 - streaming: DELTA outputs add up to the final text and tokens, also when a stop string spans two
   steps (cut exactly, never shown); CUMULATIVE outputs grow; FINAL_ONLY gives one output;
 - the LLM facade: vLLM's argument names (synonyms, conflicts, tensor_parallel_size, trust_remote_code),
-  vLLM's `.outputs[0]` beside the flat fields, and `{"prompt_token_ids": [...]}` prompts.
+  vLLM's `.outputs[0]` beside the flat fields, and `{"prompt_token_ids": [...]}` prompts;
+- logprobs=-1: the whole distribution per generated token.
 """
 
 from __future__ import annotations
@@ -220,3 +221,17 @@ def test_generate_drops_its_requests_when_interrupted(qwen_vl_llm):
         del engine.step
     assert not engine.has_unfinished_requests() and engine.stats().kv_blocks_used == 0
     assert torch.is_tensor(engine.runner.kv_caches[0][0])
+
+
+def test_logprobs_minus_one_gives_the_whole_distribution(qwen_vl_llm):
+    from test_engine_generate import Recorder
+
+    with Recorder(qwen_vl_llm) as rec:
+        out = qwen_vl_llm.generate(TEXT, SamplingParams(max_tokens=3, logprobs=-1), use_tqdm=False)[0]
+    assert len(out.logprobs) == 3
+    for row, raw, token in zip(out.logprobs, rec.steps(out), out.token_ids, strict=True):
+        assert row.dtype == torch.float32 and row.shape == (qwen_vl_llm.model_config.vocab_size,)
+        assert torch.allclose(row, torch.log_softmax(raw, -1), atol=1e-6)
+        assert int(row.argmax()) == token  # greedy
+    chosen = [float(r[t]) for r, t in zip(out.logprobs, out.token_ids, strict=True)]
+    assert out.outputs[0].cumulative_logprob == pytest.approx(sum(chosen))
