@@ -30,6 +30,7 @@ _EXPORTS = {
     "EngineError": ".errors",
     "resolve_device": ".device",
     "DeviceError": ".device",
+    "to_rgb": ".image_utils",
     "write_random_checkpoint": ".testing",
     "tiny_config": ".testing",
 }

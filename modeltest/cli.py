@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "among (default: WORLD_SIZE / --tp)")  # fmt: skip
     p.add_argument("--check_only", action="store_true", help="check the configs, dataset, model folder and "
                    "output folder, then exit (0: a run can start); loads and writes nothing")  # fmt: skip
-    p.add_argument("--predictions", help="score-only mode: JSONL or JSON list of {question_id, answer}")
+    p.add_argument("--predictions", help="score-only mode: JSONL or a JSON list of {question_id, answer}, a "
+                   "{question_id: answer} map, or a caption file ({image: caption})")  # fmt: skip
     p.add_argument("--save_debug_enable", action="store_true", help="also write the seed's outputs_<time>.txt")
     p.add_argument("--history", default=os.environ.get("MODELTEST_HISTORY") or None,
                    help="record the finished run in this SQLite history (default: $MODELTEST_HISTORY)")  # fmt: skip

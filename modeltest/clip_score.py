@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
+import os
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from .output import atomic_write, write_json
 PROG = "clip_score"
 EXIT_FAIL = 1  # the reference comparison's verdict is FAIL
 _SHOWN_NAMES = 10
-_OLD_FORMAT = ("image_file", "model_answer")
+OLD_FORMAT = ("image_file", "model_answer")  # the seed's older caption file
 
 
 @dataclass(frozen=True)
@@ -98,20 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_captions(path: str | Path) -> list[Entry]:
     """Entries in file order from either caption format; every problem names the file and the key."""
+    from .tasks.base import read_json
+
     path = Path(path)
     if not path.is_file():
         raise ModelTestError(f"{path}: captions file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ModelTestError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ModelTestError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    return captions_from_json(read_json(path, "captions file"), path)
+
+
+def captions_from_json(data, path: str | Path) -> list[Entry]:
+    """Entries from a parsed caption file (either format); every problem names the file and the key."""
+    from .tasks.base import json_type, show_json
+
     if not isinstance(data, dict):
-        raise ModelTestError(
-            f"{path}: expected a JSON object {{image: caption}}, got a {type(data).__name__}"
-        )
-    if set(data) == set(_OLD_FORMAT) and all(isinstance(data[k], list) for k in _OLD_FORMAT):
+        raise ModelTestError(f"{path}: expected a JSON object {{image: caption}}, got {json_type(data)}")
+    if set(data) == set(OLD_FORMAT) and all(isinstance(data[k], list) for k in OLD_FORMAT):
         images, captions = data["image_file"], data["model_answer"]
         if len(images) != len(captions):
             raise ModelTestError(
@@ -122,11 +124,9 @@ def read_captions(path: str | Path) -> list[Entry]:
         for n, (image, caption) in enumerate(pairs):
             where = f"{path}: entry {n} of 'image_file'/'model_answer'"
             if not isinstance(image, str) or not image:
-                raise ModelTestError(f"{where}: the image must be a non-empty string, got {image!r}")
+                raise ModelTestError(f"{where}: the image must be a non-empty file name, got {show_json(image)}")
             if not isinstance(caption, str):
-                raise ModelTestError(
-                    f"{where} ({image}): the caption must be a string, got {type(caption).__name__}"
-                )
+                raise ModelTestError(f"{where} ({image}): the caption must be text, got {show_json(caption)}")
             if image in seen:
                 raise ModelTestError(
                     f"{where}: image {image!r} is already entry {seen[image]}; list each image once"
@@ -135,10 +135,10 @@ def read_captions(path: str | Path) -> list[Entry]:
     else:
         pairs = list(data.items())
         for image, caption in pairs:
+            if not image:
+                raise ModelTestError(f"{path}: an empty image name (\"\") has a caption; name its image file")
             if not isinstance(caption, str):
-                raise ModelTestError(
-                    f"{path}: caption for {image!r} must be a string, got {type(caption).__name__}"
-                )
+                raise ModelTestError(f"{path}: caption for {image!r} must be text, got {show_json(caption)}")
     if not pairs:
         raise ModelTestError(f"{path}: no captions")
     return [Entry(image, caption) for image, caption in pairs]
@@ -246,6 +246,32 @@ def _print_tables(summary: dict) -> None:
     print(f"per image: {summary['outputs']['csv']}\nsummary:   {summary['outputs']['json']}")
 
 
+def check_output_dir(out_dir: Path, outputs: tuple[Path, ...], named: str) -> None:
+    """Before any scoring: a file can be written where the outputs go, so a folder that is a file, a
+    read-only folder or a full disk shows now rather than after every image is scored. A probe file is
+    created, filled, synced and removed in the folder, or where a missing folder would be made (a
+    refused run leaves no folder behind); the output names must not be folders."""
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists() or p == p.parent)
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "a file, not a folder", str(existing))
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".clip_score-write-check-")
+        try:
+            os.write(fd, b"\0" * 4096)  # a few KB, like the outputs: a full disk refuses them now
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        where = e.filename or existing
+        raise ModelTestError(f"{named} {out_dir}: cannot write the outputs there ({where}: {e.strerror or e}); "
+                             "choose another --output_dir (or free space)") from None  # fmt: skip
+    for path in outputs:
+        if path.exists() and not path.is_file():
+            raise ModelTestError(f"{path} is a folder, so the output cannot be written; move it or choose "
+                                 "another --output_dir")  # fmt: skip
+
+
 # ---------------------------------------------------------------- run
 
 
@@ -271,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.output_dir) if args.output_dir else captions_path.parent
     stem = captions_path.stem
     csv_path, json_path = out_dir / f"{stem}_clip_score.csv", out_dir / f"{stem}_clip_score.json"
+    check_output_dir(out_dir, (csv_path, json_path), "--output_dir" if args.output_dir else "the captions' folder")
 
     # Which images can be scored is known before the model loads.
     missing = [e.image for e in entries if not (dataset / e.image).is_file()]
@@ -377,8 +404,16 @@ def run(args: argparse.Namespace) -> int:
             "verdict": comparison.verdict,
         }
     scored_rows = [(e, c, rc) for e, c, rc in zip(present, cos, ref_cos, strict=True) if not np.isnan(c)]
-    atomic_write(csv_path, _csv_text(scored_rows, ref_by_image))
-    write_json(json_path, summary)
+    for path, write in ((csv_path, lambda p: atomic_write(p, _csv_text(scored_rows, ref_by_image))),
+                        (json_path, lambda p: write_json(p, summary))):  # fmt: skip
+        try:
+            write(path)
+        except OSError as e:  # the disk filled up (ENOSPC) or the folder changed while scoring
+            got = f"clip_score {summary['clip_score']:.4f}, CLIP-S {summary['clip_s']:.4f}, {scored.size} images"
+            if comparison is not None:
+                got += f", verdict {comparison.verdict} (mean diff {comparison.mean_diff:+.4f})"
+            raise ModelTestError(f"cannot write {path}: {e.strerror or e}; the scores were computed ({got}) "
+                                 "but not saved: free space or choose another --output_dir, and rerun") from None
     _print_tables(summary)
     if unreadable and args.strict:
         raise ModelTestError(f"{len(unreadable)} images could not be read (--strict); see {json_path}")

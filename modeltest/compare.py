@@ -78,12 +78,11 @@ def higher_is_better(metric: str) -> bool:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelTestError(f"{path}: not a readable JSON file: {e}") from None
+    from .tasks.base import json_type, read_json
+
+    data = read_json(path, "result JSON")  # UTF-8 and JSON checked, the file named
     if not isinstance(data, dict):
-        raise ModelTestError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise ModelTestError(f"{path}: expected a JSON object, got {json_type(data)}")
     return data
 
 
@@ -104,19 +103,11 @@ def _samples_path(result_json: Path, summary: dict) -> Path:
 
 
 def _read_samples(path: Path) -> dict:
-    out = {}
-    with open(path, encoding="utf-8", errors="strict") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                if not line.endswith("\n"):  # a torn last line: that sample never finished
-                    continue
-                raise ModelTestError(f"{path}:{lineno}: not a sample record") from None
-            if not isinstance(rec, dict) or "id" not in rec or "score" not in rec:
-                raise ModelTestError(f"{path}:{lineno}: not a sample record (needs 'id' and 'score')")
-            out[rec["id"]] = rec
-    return out
+    """A run's sample records, checked as a resume checks them (a torn last line left out; the file is
+    not changed)."""
+    from .output import read_samples
+
+    return read_samples(path, repair=False)
 
 
 def load_result(path: Path) -> TaskRun:

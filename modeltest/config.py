@@ -1,4 +1,5 @@
-"""Model and task configs: YAML in (`yaml.safe_load`), validated dataclasses out.
+"""Model and task configs: YAML in (PyYAML's SafeLoader; UTF-8, at most 1 MiB, and measured with its
+aliases expanded before anything is built), validated dataclasses out.
 
 The keys are the seed's (MindIE-LLM modeltest `config/model/*.yaml`, `config/task/*.yaml`), so its
 files load as written. Every check happens here, at load time: an unknown key names the file, the
@@ -123,22 +124,99 @@ def _positive(obj, *names: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+# A config is a few KB. Anything near these limits is the wrong file or an attack ("billion laughs":
+# a few hundred bytes of nested aliases that expand to hundreds of MB when built or walked).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
+
+
+def read_text(path: str | Path, what: str = "file", max_bytes: int | None = None) -> str:
+    """The whole of a UTF-8 text file (a leading byte-order mark is dropped). Every way it can fail is one
+    ModelTestError naming the file (and for bad bytes the line), never a UnicodeDecodeError or OSError:
+    the one reader the configs, datasets, predictions and caption files all go through."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise ModelTestError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise ModelTestError(f"{path}: is a folder; expected a {what}") from None
+    except OSError as e:
+        raise ModelTestError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ModelTestError(f"{path}: larger than {max_bytes} bytes, far more than a {what} holds; "
+                             "is it the right file?")  # fmt: skip
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        hint = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise ModelTestError(f"{path}:{line}: not UTF-8 text{hint}: byte 0x{data[e.start]:02x} at offset "
+                             f"{e.start}; save the {what} as UTF-8") from None  # fmt: skip
+    return text[1:] if text.startswith("\ufeff") else text
+
+
 def load_yaml(path: str | Path) -> tuple[dict, dict[tuple, int]]:
     """Parse a YAML mapping safely; also return {key path: line number} for error messages."""
     path = Path(path)
     if not path.is_file():
         raise ModelTestError(f"config file not found: {path}")
+    text = read_text(path, "config file", MAX_CONFIG_BYTES)
+    loader = yaml.SafeLoader(text)
     try:
-        text = path.read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
+        # Compose first (aliases stay shared nodes, nothing is expanded), measure, then build.
+        node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(node, path)
+        data = loader.construct_document(node) if node is not None else None
+        lines = _key_lines(node)
     except yaml.YAMLError as e:
         raise ModelTestError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:  # PyYAML composes and builds recursively
+        raise ModelTestError(f"{path}: nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ModelTestError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     return data, lines
+
+
+def _check_expansion(root: yaml.Node, path: Path) -> None:
+    """Refuse a document whose nodes, counted with every alias expanded, exceed MAX_CONFIG_NODES, or
+    whose aliases form a cycle. Each distinct node is sized once (memoized), so a billion laughs is
+    measured in microseconds without being built."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ModelTestError(f"{path}:{node.start_mark.line + 1}: an alias refers to a node that contains "
+                                 "it (a recursive structure); a config cannot be recursive")  # fmt: skip
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        for child in children:
+            total += size(child)
+            if total > MAX_CONFIG_NODES:
+                raise ModelTestError(f"{path}: expands to more than {MAX_CONFIG_NODES} values once its aliases "
+                                     "(*name) are resolved; a config holds a few hundred - "
+                                     "remove the nested aliases")  # fmt: skip
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root)
 
 
 def _key_lines(node, prefix: tuple = ()) -> dict[tuple, int]:

@@ -12,9 +12,10 @@ Layout (the seed's, with a real CSV):
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +52,10 @@ def run_paths(output_dir, family, task_type, task, data_type, model, model_type,
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a killed run never leaves half a results file."""
+    """Write a whole file or nothing: a killed run never leaves half a results file. The file gets the
+    permissions `open(path, "w")` would give (0666 less the umask), so the team can read the results."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
@@ -62,6 +64,20 @@ def atomic_write(path: Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new temporary file beside `path`. Not tempfile.mkstemp: it creates files 0600 whatever the umask,
+    and os.replace keeps that mode. Created here with mode 0666, so the kernel applies the umask (and a
+    folder's default ACL) exactly as for open(path, "w")."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path.parent))
 
 
 def write_json(path: Path, data) -> None:
@@ -100,10 +116,36 @@ class JsonlAppender:
         self.close()
 
 
+# What every record in samples.jsonl has (runner._record writes them; resume, the results and the task's
+# outputs read them): field -> (the JSON types it may take, how a message names them).
+RECORD_FIELDS = {
+    "id": ((int, str), "an integer or text"),
+    "subject": ((str,), "text"),
+    "prediction": ((str,), "text"),
+    "score": ((int, float), "a number"),
+    "error": ((str, type(None)), "text or null"),
+}
+
+
+def _record_problem(rec) -> str | None:
+    """Why `rec` (a parsed line) is not a sample record, or None when it is one."""
+    if not isinstance(rec, dict):
+        return f"JSON {json.dumps(rec)[:40]}, not an object"
+    missing = [k for k in RECORD_FIELDS if k not in rec]
+    if missing:
+        return f"a record without {', '.join(map(repr, missing))}"
+    for key, (types, named) in RECORD_FIELDS.items():
+        value = rec[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            return f"{key!r} is {json.dumps(value)[:40]}, not {named}"
+    return None
+
+
 def read_samples(path: Path, repair: bool = True) -> dict:
-    """Records already written, by id. A torn last line (the run was killed mid-write) is left out,
-    and with `repair` cut off so the next append starts on a clean line; a bad line anywhere else is
-    an error."""
+    """Records already written, by id. A torn last line (the run was killed mid-write: no newline, or
+    not JSON) is left out, and with `repair` cut off so the next append starts on a clean line; a
+    complete record that only lacks its newline is kept (and with `repair` given it). Any other line
+    that is not a whole sample record (RECORD_FIELDS) is an error naming the file and line."""
     if not path.exists():
         return {}
     records = {}
@@ -113,17 +155,22 @@ def read_samples(path: Path, repair: bool = True) -> dict:
         for lineno, line in enumerate(lines, 1):
             try:
                 rec = json.loads(line)
-                ok = line.endswith(b"\n") and isinstance(rec, dict) and "id" in rec
-            except ValueError:
-                ok = False
-            if not ok:
-                if lineno == len(lines):
+            except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+                rec, problem = None, "not JSON"
+            else:
+                problem = _record_problem(rec)
+            last = lineno == len(lines)
+            if problem is None and last and not line.endswith(b"\n"):  # a whole record; only its newline is missing
+                if repair:
+                    f.seek(0, os.SEEK_END)
+                    f.write(b"\n")
+            elif problem is not None:
+                if last and (problem == "not JSON" or not line.endswith(b"\n")):  # torn by a kill mid-write
                     if repair:
                         f.truncate(good)
                     break
-                raise ModelTestError(
-                    f"{path}:{lineno}: not a sample record; fix or delete that line, or rerun with --overwrite"
-                )
+                raise ModelTestError(f"{path}:{lineno}: not a sample record ({problem}); fix or delete that line, "
+                                     "or rerun with --overwrite")  # fmt: skip
             records[rec["id"]] = rec
             good += len(line)
     return records

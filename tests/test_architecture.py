@@ -18,7 +18,7 @@ CORE = ["llm", "llm_engine", "config", "sampling", "sequence", "scheduler", "blo
         "model_runner", "detokenizer", "loader", "device", "image_cache", "errors", "attention"]  # fmt: skip
 FAMILIES = [p.name for p in (REPO / "engine" / "models").iterdir() if p.is_dir() and (p / "__init__.py").exists()]
 # what the harness may use outside its backends: nothing that runs a model
-NOT_INFERENCE = {"EngineError", "DeviceError", "resolve_device", "write_random_checkpoint", "tiny_config"}
+NOT_INFERENCE = {"EngineError", "DeviceError", "resolve_device", "write_random_checkpoint", "tiny_config", "to_rgb"}
 
 
 def module_file(name: str) -> Path | None:

@@ -580,7 +580,7 @@ def test_stops(qwen_vl_llm, greedy_run):
         ({"repetition_penalty": 0}, "repetition_penalty"),
         ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
         ({"stop": [""]}, "stop"),
-        ({"logprobs": -1}, "logprobs"),
+        ({"logprobs": -2}, "logprobs"),
     ],
 )
 def test_sampling_params_validation_names_the_field(kwargs, field):

@@ -77,14 +77,16 @@ def open_image(image):
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image, getattr(image, "filename", "") or "in-memory image")
     if isinstance(image, dict):  # a `datasets` Image cell stored undecoded: {"bytes", "path"}
         if image.get("bytes"):
+            name = image.get("path") or "embedded image"
             try:
                 with Image.open(io.BytesIO(image["bytes"])) as im:
-                    return im.convert("RGB")
+                    im.load()
+                    return to_rgb(im, name)
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-                raise SampleError(f"image unreadable: {image.get('path') or 'embedded image'}: {e}") from None
+                raise SampleError(f"image unreadable: {name}: {e}") from None
         image = image.get("path") or ""
     path = os.fspath(image)
     if not os.path.exists(path):
@@ -92,9 +94,19 @@ def open_image(image):
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return to_rgb(im, path)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise SampleError(f"image unreadable: {path}: {e}") from None
+
+
+def to_rgb(im, name: str):
+    """engine.to_rgb (16-bit and float images scaled, not clipped), an unrenderable image a SampleError."""
+    from engine import to_rgb as engine_to_rgb
+
+    try:
+        return engine_to_rgb(im, name)
+    except ValueError as e:
+        raise SampleError(str(e)) from None
 
 
 def render_qwen_prompt(parts: list[dict], list_format: bool = False) -> str:

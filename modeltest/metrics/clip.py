@@ -244,11 +244,14 @@ class ClipScorer:
         return (self._text_encoder or self.model.encode_text)(tokens)
 
     def load_image(self, path: str | Path):
-        """[3, H, W] float: open_clip's eval transform on the file as PIL opens it (the seed's input)."""
+        """[3, H, W] float: open_clip's eval transform on the file as PIL opens it (the seed's input), 16-bit
+        and float images scaled to 8 bits first (open_clip's own convert("RGB") would clip them blank)."""
         from PIL import Image
 
+        from engine import to_rgb
+
         with Image.open(path) as im:
-            return self.preprocess(im)
+            return self.preprocess(to_rgb(im, str(path)))
 
     def _load_or_error(self, path):
         try:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..backends.base import Request, render_qwen_prompt
-from ..config import ModelConfig, TaskConfig
+from ..config import ModelConfig, TaskConfig, read_text
 from ..errors import ModelTestError
 from ..metrics import Metric, get_metric
 from ..output import RunPaths
@@ -127,28 +128,112 @@ class Task:
         return {}
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSON-lines file; a malformed line is an error naming the file and line number."""
+# ---------------------------------------------------------------------------------------------
+# Reading the user's JSON: every file goes through config.read_text (UTF-8, one clear error naming the
+# file and line), and every shape check names the file and the line or entry.
+# ---------------------------------------------------------------------------------------------
+
+
+def json_type(value) -> str:
+    """A JSON value's kind in JSON's words, for messages ("got null", not "got NoneType")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def show_json(value, width: int = 60) -> str:
+    """`value` as it is written in the file (cut to `width`) and its kind."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    if value is None or isinstance(value, bool):
+        return text  # null, true, false: the text says the kind
+    return f"{text if len(text) <= width else text[: width - 3] + '...'} ({json_type(value)})"
+
+
+def check_id(value, where: str, key: str = "question_id"):
+    """An id must be an integer or text: they are dictionary keys and are matched as text (str(id)) against
+    predictions, so a list or object cannot be one, and true, 1.0 and 1 would all be the same id."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ModelTestError(f"{where}: {key} must be an integer or text, got {show_json(value)}")
+    return value
+
+
+def loads_json(text: str, path, lineno: int | None = None):
+    """json.loads that refuses a key twice in one object (json keeps the last one silently); JSONDecodeError
+    and RecursionError pass through for the caller to place. `lineno`: the line `text` is (JSON lines)."""
+
+    def pairs(items):
+        out = {}
+        for key, value in items:
+            if key in out:
+                where = f":{lineno}" if lineno is not None else _key_line(text, key)
+                raise ModelTestError(f"{path}{where}: key {key!r} appears twice in one JSON object (JSON readers "
+                                     "keep only the last); keep one")  # fmt: skip
+            out[key] = value
+        return out
+
+    return json.loads(text, object_pairs_hook=pairs)
+
+
+def _key_line(text: str, key: str) -> str:
+    """':LINE' of a key found twice in one object of a whole file: its second occurrence's line when the
+    key is written exactly twice in the file (json does not say where the object was; else '')."""
+    for spelled in dict.fromkeys((json.dumps(key, ensure_ascii=False), json.dumps(key))):
+        found = list(re.finditer(re.escape(spelled) + r"\s*:", text))
+        if len(found) == 2:
+            line = text.count("\n", 0, found[1].start()) + 1
+            return f":{line}"
+    return ""
+
+
+def parse_json(text: str, path):
+    """A whole JSON document read from `path`; invalid JSON is an error naming the file, line and column."""
+    try:
+        return loads_json(text, path)
+    except json.JSONDecodeError as e:
+        raise ModelTestError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:
+        raise ModelTestError(f"{path}: JSON nested too deeply") from None
+
+
+def read_json(path: str | Path, what: str = "JSON file"):
+    """A whole JSON file: UTF-8, valid, no key twice in one object; else one error naming file and line."""
+    return parse_json(read_text(path, what), path)
+
+
+def read_jsonl_lines(path: str | Path, what: str = "JSON-lines file", shape: str = "a JSON object {...}",
+                     ) -> list[tuple[int, dict]]:  # fmt: skip
+    """(line number, object) for each non-blank line of a JSON-lines file; a line that is not valid JSON or
+    not an object (`shape` says which) is an error naming the file and line."""
+    text = read_text(path, what)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ModelTestError(f"{path}:{lineno}: malformed JSON line ({e.msg}); fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise ModelTestError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    # split on "\n" only: str.splitlines would also split inside a string holding U+2028 or \x1c
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = loads_json(line, path, lineno)
+        except json.JSONDecodeError as e:
+            raise ModelTestError(f"{path}:{lineno}: malformed JSON line ({e.msg}); fix or remove that line") from None
+        except RecursionError:
+            raise ModelTestError(f"{path}:{lineno}: JSON nested too deeply; fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise ModelTestError(f"{path}:{lineno}: expected {shape}, got {show_json(row)}")
+        rows.append((lineno, row))
     return rows
 
 
-def read_json(path: str | Path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ModelTestError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except OSError as e:
-        raise ModelTestError(f"cannot read {path}: {e.strerror}") from None
+def read_jsonl(path: str | Path, what: str = "JSON-lines file") -> list[dict]:
+    """Read a JSON-lines file; a malformed line is an error naming the file and line number."""
+    return [row for _, row in read_jsonl_lines(path, what)]

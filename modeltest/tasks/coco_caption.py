@@ -38,7 +38,7 @@ from ..errors import ModelTestError
 from ..metrics.caption import CORPUS_METRICS, coco_caption_scores, require_caption_scorers
 from ..metrics.grounding import strip_grounding
 from ..output import RunPaths, atomic_write
-from .base import Sample, Task, read_json
+from .base import Sample, Task, check_id, json_type, read_json, read_text, show_json
 
 DEFAULT_PROMPT = "Generate the caption in English with grounding:"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -93,41 +93,52 @@ class CocoCaption(Task):
             raise ModelTestError(f"image list not found: {path} (--image_list / image_list)")
         images: dict[str, str] = {}
         where: dict[str, int] = {}
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                entry = line.strip()
-                if not entry or entry.startswith("#"):
-                    continue
-                image = entry if os.path.isabs(entry) else str(folder / entry)
-                if not os.path.isfile(image):
-                    raise ModelTestError(f"{path}:{lineno}: image not found: {image} (names are relative to {folder})")
-                name = os.path.basename(image)
-                if name in images:
-                    raise ModelTestError(f"{path}:{lineno}: {name} is already listed on line {where[name]}; "
-                                         "captions are keyed by file name, so each name may appear once")  # fmt: skip
-                images[name], where[name] = image, lineno
+        for lineno, line in enumerate(read_text(path, "image list").split("\n"), 1):
+            entry = line.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            image = entry if os.path.isabs(entry) else str(folder / entry)
+            if not os.path.isfile(image):
+                raise ModelTestError(f"{path}:{lineno}: image not found: {image} (names are relative to {folder})")
+            name = os.path.basename(image)
+            if name in images:
+                raise ModelTestError(f"{path}:{lineno}: {name} is already listed on line {where[name]}; "
+                                     "captions are keyed by file name, so each name may appear once")  # fmt: skip
+            images[name], where[name] = image, lineno
         if not images:
             raise ModelTestError(f"{path}: the image list names no images")
         return images
 
     @staticmethod
     def _read_annotations(path: Path, images: dict[str, str]) -> dict[str, list[str]]:
-        data = read_json(path)
+        data = read_json(path, "annotations file")
         shape = '{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}'
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
-            raise ModelTestError(f"{path}: expected COCO caption annotations {shape}")
-        ids = {}
+        if not isinstance(data, dict):
+            raise ModelTestError(f"{path}: expected COCO caption annotations {shape}, got {json_type(data)}")
+        for key in ("images", "annotations"):
+            if not isinstance(data.get(key), list):
+                got = "it has none" if key not in data else f"it is {json_type(data[key])}"
+                raise ModelTestError(f"{path}: expected COCO caption annotations {shape}: {key!r} must be a list, {got}")
+        ids: dict[int | str, str] = {}
         for i, entry in enumerate(data["images"]):
+            where = f"{path}: images[{i}]"
             if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
-                raise ModelTestError(f"{path}: images[{i}] needs an 'id' and a 'file_name'")
-            ids[entry["id"]] = os.path.basename(entry["file_name"])
+                raise ModelTestError(f"{where} needs an 'id' and a 'file_name', got {show_json(entry)}")
+            image_id = check_id(entry["id"], where, "id")
+            if not isinstance(entry["file_name"], str) or not entry["file_name"]:
+                raise ModelTestError(f"{where}: 'file_name' must be non-empty text, got {show_json(entry['file_name'])}")
+            if image_id in ids:
+                raise ModelTestError(f"{where}: id {image_id!r} is already used for {ids[image_id]}; ids must be unique")
+            ids[image_id] = os.path.basename(entry["file_name"])
         captions: dict[str, list[str]] = {}
         for i, entry in enumerate(data["annotations"]):
+            where = f"{path}: annotations[{i}]"
             if not isinstance(entry, dict) or "image_id" not in entry or not isinstance(entry.get("caption"), str):
-                raise ModelTestError(f"{path}: annotations[{i}] needs an 'image_id' and a 'caption' (text)")
-            if entry["image_id"] not in ids:
-                raise ModelTestError(f"{path}: annotations[{i}] has image_id {entry['image_id']!r}, which 'images' lacks")
-            captions.setdefault(ids[entry["image_id"]], []).append(entry["caption"])
+                raise ModelTestError(f"{where} needs an 'image_id' and a 'caption' (text), got {show_json(entry)}")
+            image_id = check_id(entry["image_id"], where, "image_id")
+            if image_id not in ids:
+                raise ModelTestError(f"{where} has image_id {image_id!r}, which 'images' lacks")
+            captions.setdefault(ids[image_id], []).append(entry["caption"])
         missing = sorted(name for name in images if not captions.get(name))
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from ..errors import ModelTestError
-from .base import Sample, Task, read_json, read_jsonl
+from .base import Sample, Task, check_id, json_type, read_json, read_jsonl_lines, show_json
 
 ANNOTATIONS_SUFFIX = "_annotations.json"
 
@@ -47,24 +47,34 @@ class TextVQA(Task):
             rows = self._load_jsonl(path)
         if not rows:
             raise ModelTestError(f"{path}: the dataset is empty")
-        seen = set()
+        # ids are matched as text (predictions files, resumed samples), so 1000 and "1000" are one id
+        seen: dict[str, object] = {}
         for row in rows:
-            if row.id in seen:
-                raise ModelTestError(f"{path}: question_id {row.id!r} appears more than once; ids must be unique")
-            seen.add(row.id)
+            key = str(row.id)
+            if key in seen:
+                if seen[key] == row.id and type(seen[key]) is type(row.id):
+                    raise ModelTestError(f"{path}: question_id {row.id!r} appears more than once; "
+                                         "ids must be unique")  # fmt: skip
+                raise ModelTestError(f"{path}: question_id {key} appears twice: as {seen[key]!r} and as "
+                                     f"{row.id!r}; ids must be unique")  # fmt: skip
+            seen[key] = row.id
         return rows[:limit] if limit else rows
 
     # -- the seed's jsonl + annotations ---------------------------------------------------------
     def _load_jsonl(self, path: Path) -> list[Sample]:
         annotations = self._read_annotations(path)
-        rows = read_jsonl(path)
         samples, missing = [], []
-        for lineno, row in enumerate(rows, 1):
+        for lineno, row in read_jsonl_lines(path, "dataset file"):
+            where = f"{path}:{lineno}"
             for key in ("image", "question", "question_id"):
                 if key not in row:
-                    raise ModelTestError(f"{path}: row {lineno} (question_id {row.get('question_id')!r}) has no {key!r}")
-            qid = row["question_id"]
-            answers = annotations.get(qid)
+                    qid = row.get("question_id")
+                    raise ModelTestError(f"{where}: the row (question_id {qid!r}) has no {key!r}")
+            qid = check_id(row["question_id"], where)
+            for key in ("image", "question"):
+                if not isinstance(row[key], str) or not row[key]:
+                    raise ModelTestError(f"{where}: {key!r} must be non-empty text, got {show_json(row[key])}")
+            answers = annotations.get(str(qid))
             if answers is None:
                 missing.append(qid)
                 continue
@@ -83,25 +93,44 @@ class TextVQA(Task):
     def _annotations_path(path: Path) -> Path:
         return path.with_name(path.stem + ANNOTATIONS_SUFFIX)
 
-    def _read_annotations(self, path: Path) -> dict:
+    def _read_annotations(self, path: Path) -> dict[str, list]:
+        """{str(question_id): answers}: ids are matched as text, like everywhere else."""
         ann_path = self._annotations_path(path)
         if not ann_path.exists():
             raise ModelTestError(
                 f"annotations file not found: {ann_path} (it must sit beside {path.name}, as in the seed's layout)"
             )
-        data = read_json(ann_path)
-        entries = data.get("annotations") if isinstance(data, dict) else None
+        data = read_json(ann_path, "annotations file")
+        shape = '{"annotations": [{"question_id", "answers"}, ...]}'
+        if not isinstance(data, dict):
+            raise ModelTestError(f"{ann_path}: expected {shape}, got {json_type(data)}")
+        entries = data.get("annotations")
         if not isinstance(entries, list):
-            raise ModelTestError(f"{ann_path}: expected {{\"annotations\": [{{\"question_id\", \"answers\"}}, ...]}}")
-        out = {}
+            got = "no 'annotations' key" if "annotations" not in data else f"'annotations' is {json_type(entries)}"
+            raise ModelTestError(f"{ann_path}: expected {shape}; {got}")
+        out: dict[str, list] = {}
+        first: dict[str, tuple[int, object]] = {}
         for i, entry in enumerate(entries):
-            answers = entry.get("answers") if isinstance(entry, dict) else None
+            where = f"{ann_path}: annotations[{i}]"
+            if not isinstance(entry, dict):
+                raise ModelTestError(f'{where}: expected an object {{"question_id", "answers"}}, '
+                                     f"got {show_json(entry)}")  # fmt: skip
+            answers = entry.get("answers")
             if "question_id" not in entry or not isinstance(answers, list) or not answers:
-                raise ModelTestError(f"{ann_path}: annotations[{i}] needs a question_id and a non-empty answers list")
+                raise ModelTestError(f"{where} needs a question_id and a non-empty answers list")
+            qid = check_id(entry["question_id"], where)
             for a in answers:
-                if not isinstance(a, (str, dict)) or (isinstance(a, dict) and "answer" not in a):
-                    raise ModelTestError(f"{ann_path}: annotations[{i}] has an answer without an 'answer' field")
-            out[entry["question_id"]] = answers
+                text = a.get("answer") if isinstance(a, dict) else a
+                if not isinstance(text, str):
+                    raise ModelTestError(f'{where}: each answer must be text or {{"answer": text}}, '
+                                         f"got {show_json(a)}")  # fmt: skip
+            key = str(qid)
+            if key in first:
+                j, other = first[key]
+                both = f"as {other!r} and as {qid!r}" if type(other) is not type(qid) else f"in annotations[{j}] too"
+                raise ModelTestError(f"{where}: question_id {key} appears twice: {both}; keep one")
+            first[key] = (i, qid)
+            out[key] = answers
         return out
 
     # -- a datasets folder -----------------------------------------------------------------------
@@ -125,8 +154,15 @@ class TextVQA(Task):
         for i, (qid, question, image, answers) in enumerate(
             zip(cols["question_id"], cols["question"], cols["image"], cols["answers"], strict=True)
         ):
+            where = f"{path}: row {i}"
+            check_id(qid, where)
+            where += f" (question_id {qid!r})"
+            if not isinstance(question, str) or not question:
+                raise ModelTestError(f"{where}: 'question' must be non-empty text, got {show_json(question)}")
             if not answers:
                 raise ModelTestError(f"{path}: row {i} (question_id {qid!r}) has no answers")
+            if isinstance(answers, str) or not all(isinstance(a, str) for a in answers):
+                raise ModelTestError(f"{where}: 'answers' must be a list of text, got {show_json(answers)}")
             if isinstance(image, str):
                 if not os.path.isabs(image):
                     image = str(path / image)

@@ -16,18 +16,23 @@ def load_image(source):
     """A path or PIL image -> RGB PIL image. URLs are not fetched (the engine never downloads)."""
     from PIL import Image, UnidentifiedImageError
 
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
-    path = os.fspath(source)
-    if path.startswith(("http://", "https://")):
-        raise EngineError(f"image URLs are not fetched: {path}; download the image and pass its path")
+    from ...image_utils import to_rgb
+
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise EngineError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise EngineError(f"image unreadable: {path}: {e}") from None
+        if isinstance(source, Image.Image):
+            return to_rgb(source, "in-memory image")
+        path = os.fspath(source)
+        if path.startswith(("http://", "https://")):
+            raise EngineError(f"image URLs are not fetched: {path}; download the image and pass its path")
+        try:
+            with Image.open(path) as im:
+                return to_rgb(im, path)
+        except FileNotFoundError:
+            raise EngineError(f"image not found: {path}") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise EngineError(f"image unreadable: {path}: {e}") from None
+    except ValueError as e:  # pixels no scaling can render
+        raise EngineError(str(e)) from None
 
 
 def resize(source, image_size: int = IMAGE_SIZE):
