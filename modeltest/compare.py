@@ -87,11 +87,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _samples_path(result_json: Path, summary: dict) -> Path:
-    """samples.jsonl of a run: where the summary says, or (a moved folder) where the layout puts it:
-    <out>/results/<rel>/<stem>_result.json -> <out>/debug/<rel>/<stem>/samples.jsonl."""
-    stated = Path(summary.get("paths", {}).get("samples", ""))
-    if stated.is_file():
-        return stated
+    """samples.jsonl of a run: beside its results file, where the layout puts it
+    (<out>/results/<rel>/<stem>_result.json -> <out>/debug/<rel>/<stem>/samples.jsonl), so that a copied
+    folder reads its own records; else (the debug folder kept elsewhere) where the summary says."""
     parts = result_json.parts
     if "results" in parts:
         i = len(parts) - 1 - parts[::-1].index("results")
@@ -99,7 +97,10 @@ def _samples_path(result_json: Path, summary: dict) -> Path:
         derived = Path(*parts[:i], "debug", *parts[i + 1 : -1], stem, "samples.jsonl")
         if derived.is_file():
             return derived
-    raise ModelTestError(f"{result_json}: its samples.jsonl is neither at {stated} nor beside the results folder")
+    stated = Path(summary.get("paths", {}).get("samples", ""))
+    if stated.is_file():
+        return stated
+    raise ModelTestError(f"{result_json}: its samples.jsonl is neither beside the results folder nor at {stated}")
 
 
 def _read_samples(path: Path) -> dict:
@@ -227,10 +228,14 @@ def compare_logits(base: TaskRun, cand: TaskRun, ids: list) -> dict:
     if not samples:
         raise ModelTestError(f"{base.task}: --logits: no sample has stored log-probabilities in both runs "
                              "(run with need_logits: true in the task config)")  # fmt: skip
-    high = sum(1 for k in kls if k > KL_HIGH)
+    return {"samples": samples, **logits_rule(kls)}
+
+
+def logits_rule(kls: list[float]) -> dict:
+    """The seed's rule over per-token KL values: the greatest and the share of high ones, and a verdict."""
     worst = max(kls) if kls else 0.0
-    share = high / len(kls) if kls else 0.0
-    return {"samples": samples, "tokens": len(kls), "max_kl": worst, "high_kl_share": share,
+    share = sum(1 for k in kls if k > KL_HIGH) / len(kls) if kls else 0.0
+    return {"tokens": len(kls), "max_kl": worst, "high_kl_share": share,
             "rule": f"max KL <= {KL_MAX:g} and the share of tokens with KL > {KL_HIGH:g} <= {KL_HIGH_SHARE:.1%}",
             "verdict": "PASS" if worst <= KL_MAX and share <= KL_HIGH_SHARE else "FAIL"}  # fmt: skip
 

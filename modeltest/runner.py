@@ -43,6 +43,10 @@ from .tasks import Sample, Task, get_task
 
 PREDICTIONS_MODEL_NAME = "predictions"
 REFRESH_S = 30.0  # the results CSV and JSON are rewritten at most this often while a run goes
+# need_logits: the output distributions of the first LOGITS_TOKENS tokens of the first LOGITS_SAMPLES samples
+# (dataset order, the same in every run) are kept, float32, for `modeltest compare --logits`
+LOGITS_SAMPLES = 8
+LOGITS_TOKENS = 16
 
 
 @dataclass
@@ -102,6 +106,9 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
     lay = layout(opts.tp, opts.dp, planned=opts.check_only)
     if predictions is not None and lay.world > 1:
         raise ModelTestError("score-only mode (--predictions) runs in one process; launch it without torchrun")
+    if task_cfg.need_logits and backend_name != "engine":
+        raise ModelTestError(f"need_logits: true needs the engine backend (the {backend_name} backend returns no "
+                             "output distributions); set need_logits: false or use --backend engine")  # fmt: skip
     if backend is None:
         check_model_path(model_cfg)  # before anything is written or loaded
         if lay.tp > 1 and not backend_class(backend_name).supports_tp:
@@ -159,7 +166,8 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
             _write_results(task, finished, paths, opts, fingerprint, {"wall_s": time.time() - started}, device,
                            model_name, lay, {}, complete=False, dtype=defaults.data_type)  # fmt: skip
 
-        infer_time = _loop(task, backend, mine, records, paths, opts, lay, refresh) if mine else 0.0
+        logit_ids = {s.id for s in samples[:LOGITS_SAMPLES]} if task_cfg.need_logits else set()
+        infer_time = _loop(task, backend, mine, records, paths, opts, lay, refresh, logit_ids) if mine else 0.0
         theirs = gather([records[s.id] for s in mine] if lay.leader and not lay.main else None, lay)
         if not lay.main:
             return RunResult([], 0.0, len(samples), 0, paths)
@@ -257,7 +265,7 @@ def _resume(paths: RunPaths, fingerprint: dict, overwrite: bool, dry: bool = Fal
     if overwrite:
         if dry:
             return {}
-        for p in (paths.samples, paths.run_config, *shards(paths.samples)):
+        for p in (paths.samples, paths.run_config, *shards(paths.samples), *paths.debug_dir.glob("logits/*")):
             if p.exists():
                 p.unlink()
     records = read_samples(paths.samples, repair=not dry)
@@ -339,6 +347,20 @@ def _merge(paths: RunPaths, records: dict, theirs: list[dict], opts: RunOptions,
             path.unlink()
 
 
+def _save_distributions(paths: RunPaths, sample_id, gen: Generation) -> str:
+    """A sample's output distributions ([tokens, vocab] float32) and token ids in the debug folder; the
+    file's name relative to it."""
+    import torch
+    from safetensors.torch import save_file
+
+    name = "logits/" + hashlib.sha256(str(sample_id).encode()).hexdigest()[:16] + ".safetensors"
+    path = paths.debug_dir / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"logprobs": gen.extra["logprobs"].float().contiguous(),
+               "token_ids": torch.tensor(gen.extra["token_ids"], dtype=torch.long)}, str(path))  # fmt: skip
+    return name
+
+
 def _debug_line(rec: dict) -> str:
     """The seed's outputs_<time>.txt line: [output, model input, e2e_time]."""
     return json.dumps([rec["raw_output"], rec["prompt"], rec["e2e_time"]], ensure_ascii=False) + "\n"
@@ -394,10 +416,12 @@ def _record(task: Task, sample: Sample, gen: Generation) -> dict:
     }
 
 
-def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, lay: Layout, refresh=None) -> float:
+def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, lay: Layout, refresh=None,
+          logit_ids: set = frozenset()) -> float:  # fmt: skip
     """Run `todo` through the backend; a group leader records each result as it finishes (rank 0 into
     samples.jsonl, the other leaders into their shard), the other ranks of a group only compute.
-    Rank 0 calls `refresh(records)` at most every REFRESH_S seconds."""
+    Rank 0 calls `refresh(records)` at most every REFRESH_S seconds. The samples in `logit_ids` keep
+    their output distributions (debug folder, logits/)."""
     from tqdm import tqdm
 
     total_score = sum(r["score"] for r in records.values())
@@ -421,6 +445,8 @@ def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, lay: 
                 if log is None:
                     return
                 rec = _record(task, batch[i], gen)
+                if gen.extra.get("logprobs") is not None:
+                    rec["logits"] = _save_distributions(paths, batch[i].id, gen)
                 log.write(rec)
                 records[batch[i].id] = rec
                 total_score += rec["score"]
@@ -434,7 +460,10 @@ def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, lay: 
                     refreshed = time.monotonic()
 
             t0 = time.perf_counter()
-            _generate(backend, [task.request(s) for s in batch], emit)
+            requests = [task.request(s) for s in batch]
+            for req in requests:
+                req.distributions = LOGITS_TOKENS if req.id in logit_ids else 0
+            _generate(backend, requests, emit)
             infer_time += time.perf_counter() - t0
     finally:
         bar.close()

@@ -519,6 +519,9 @@ def test_high_bit_depth_images_keep_their_pixels(tmp_path, kind):
     np.testing.assert_allclose(arr[0, :, 0], np.rint(GRADIENT * 255), atol=1)
     with Image.open(path) as im:
         assert open_image(im).tobytes() == rgb.tobytes()  # an image object converts the same
+    from engine.models.qwen_vl.processor import load_image
+
+    assert load_image(path).tobytes() == rgb.tobytes()  # the engine's own loader (LLM.generate) agrees
 
 
 def test_an_image_no_conversion_can_show_is_a_failed_sample(tmp_path, task_yaml):

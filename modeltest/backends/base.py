@@ -27,6 +27,9 @@ class Request:
     max_new_tokens: int
     min_new_tokens: int = 0
     list_format: bool = False  # Qwen-VL `from_list_format` ("Picture n: <img>..</img>\n") for raw prompts
+    # need_logits: return the whole output distribution of the first `distributions` tokens (0: none) in
+    # Generation.extra["logprobs"] ([tokens, vocab] float32) with extra["token_ids"]
+    distributions: int = 0
 
     @property
     def images(self) -> list:

@@ -81,12 +81,13 @@ class EngineBackend(Backend):
                 if on_result:
                     on_result(i, results[i])
                 continue
-            params.append(SamplingParams(max_tokens=req.max_new_tokens, min_tokens=min(req.min_new_tokens, req.max_new_tokens)))
+            params.append(SamplingParams(max_tokens=req.max_new_tokens, min_tokens=min(req.min_new_tokens, req.max_new_tokens),
+                                         logprobs=-1 if req.distributions else None))  # fmt: skip
             rows.append(i)
         if rows:
 
             def finished(j: int, out) -> None:
-                results[rows[j]] = _generation(out)
+                results[rows[j]] = _generation(out, requests[rows[j]].distributions)
                 if on_result:
                     on_result(rows[j], results[rows[j]])
 
@@ -94,16 +95,22 @@ class EngineBackend(Backend):
         return results  # type: ignore[return-value]
 
 
-def _generation(out) -> Generation:
+def _generation(out, distributions: int = 0) -> Generation:
     if out.finish_reason == "error":
         return Generation(prompt=out.prompt, error=out.error)
+    extra = {"ttft_s": out.ttft, "decode_s_per_token": out.decode_time_per_token, "finish_reason": out.finish_reason}
+    if distributions and out.logprobs:
+        import torch
+
+        extra["logprobs"] = torch.stack(out.logprobs[:distributions])  # [tokens, vocab] float32
+        extra["token_ids"] = list(out.token_ids[:distributions])
     return Generation(
         text=out.text,
         prompt=out.prompt,
         input_tokens=len(out.prompt_token_ids),
         output_tokens=len(out.token_ids),
         e2e_time=out.e2e_time or 0.0,
-        extra={"ttft_s": out.ttft, "decode_s_per_token": out.decode_time_per_token, "finish_reason": out.finish_reason},
+        extra=extra,
     )
 
 
