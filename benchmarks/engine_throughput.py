@@ -281,9 +281,10 @@ def caption_workload(photos: list[str]) -> Workload:
 # ---- phases: memory and CPU time -------------------------------------------------------------
 
 
-def _status_kib(key: str) -> int | None:
+def proc_kib(key: str, path: str = "/proc/self/status") -> int | None:
+    """A `key:  N kB` figure of a /proc file (this process's status, or /proc/meminfo), or None."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1])
@@ -339,7 +340,7 @@ class Phase:
         self.process_peak = 0  # bytes: the host RSS high-water mark over every phase
 
     def host_peak(self) -> int:
-        self.process_peak = max(self.process_peak, (_status_kib("VmHWM") or 0) * 1024)
+        self.process_peak = max(self.process_peak, (proc_kib("VmHWM") or 0) * 1024)
         return self.process_peak
 
     def start(self) -> None:
@@ -370,7 +371,7 @@ class Phase:
         """Bytes: the phase's peak CUDA allocation, or on a host its peak RSS (None if not resettable)."""
         import torch
 
-        host = _status_kib("VmHWM")
+        host = proc_kib("VmHWM")
         self.host_peak()
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -719,7 +720,7 @@ def main() -> None:
         release_memory()
         reset_host_peak()  # the probe's 2 GiB are not the systems'
         phase = Phase(device)
-        rss_base = (_status_kib("VmRSS") or 0) * 1024
+        rss_base = (proc_kib("VmRSS") or 0) * 1024
 
         # (a) transformers, on a copy of the engine's vision tower: only one system is resident at a
         # time, so each phase's peak memory is that system's

@@ -51,7 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine_generate  # noqa: E402
 from engine_generate import device_name, make_prompts, save_photos, timed_generate  # noqa: E402
-from engine_throughput import cpu_pressure_us  # noqa: E402
+from engine_throughput import cpu_pressure_us, proc_kib  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LM_PREFIXES = ("transformer.h.", "transformer.wte.", "lm_head.")
@@ -118,17 +118,6 @@ def split_bytes(named_sizes) -> dict[str, int]:
 # ---- the host --------------------------------------------------------------------------------------
 
 
-def meminfo_kib(key: str, path: str = "/proc/meminfo") -> int | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def rank_estimate(sizes: dict[str, int], tp: int) -> int:
     """Rough bytes one rank needs on the host: ~0.6 GiB of runtime (torch, the tokenizer, gloo) plus
     twice its weights (a tensor read from the checkpoint and its converted copy can coexist while
@@ -145,7 +134,7 @@ def default_tps(device: str, sizes: dict[str, int]) -> tuple[list[int], str]:
         n = torch.cuda.device_count()
         tps = [t for t in (1, 2, 4, 8) if t <= n]
         return tps, f"{n} GPU(s)"
-    avail = (meminfo_kib("MemAvailable") or 0) * 1024
+    avail = (proc_kib("MemAvailable", "/proc/meminfo") or 0) * 1024
     tps = [t for t in (1, 2, 4) if t == 1 or t * rank_estimate(sizes, t) <= 0.8 * avail]
     dropped = [t for t in (1, 2, 4) if t not in tps]
     why = f"{avail / 2**30:.1f} GiB available host memory"
@@ -356,7 +345,7 @@ def launcher(args) -> int:
 
         any_rank = next((ranks[0] for ranks in results.values()), None)
         print(f"\nmachine: {os.cpu_count()} CPUs ({device_name('cpu')}), "
-              f"{(meminfo_kib('MemTotal') or 0) / 2**20:.1f} GiB host memory, load average at the start {load_start}; "
+              f"{(proc_kib('MemTotal', '/proc/meminfo') or 0) / 2**20:.1f} GiB host memory, load average at the start {load_start}; "
               f"torch {torch.__version__}, python {platform.python_version()}; {threads} thread(s) per rank "
               f"(OMP_NUM_THREADS)")  # fmt: skip
         if on_cuda:
@@ -428,7 +417,7 @@ def launcher(args) -> int:
 
 
 def status_bytes(key: str) -> int:
-    return (meminfo_kib(key, "/proc/self/status") or 0) * 1024
+    return (proc_kib(key) or 0) * 1024
 
 
 def mapped_rss(folder: str) -> int:

@@ -64,21 +64,21 @@ COMMON=(--model_config_path "$MODEL_CONFIG" --history "$HISTORY" --no_progress)
 [ -n "${DEVICE:-}" ] && COMMON+=(--device "$DEVICE")
 [ -n "${LIMIT:-}" ] && COMMON+=(--limit "$LIMIT")
 
+run_and_compare() {  # run_and_compare <label> <task> <data>: the run, then (if it finished) its comparison
+    local label="$1" task="$2" data="$3"
+    out="$OUT_ROOT/$NIGHT/$task"
+    step "$label run" "$PYTHON" -m modeltest --task_config_path "$ROOT/configs/task/$task.yaml" \
+        --dataset_path "$data" --output_dir "$out" "${COMMON[@]}" || return
+    step "$label compare" "$PYTHON" -m modeltest compare --history "$HISTORY" "$out" --max_drop "$MAX_DROP" --gate "$GATE"
+    return 0  # a failed comparison is remembered by step; what follows a finished run still runs
+}
+
 if [ -n "${TEXTVQA_DATA:-}" ]; then
-    out="$OUT_ROOT/$NIGHT/textvqa"
-    if step "textvqa run" "$PYTHON" -m modeltest --task_config_path "$ROOT/configs/task/textvqa.yaml" \
-            --dataset_path "$TEXTVQA_DATA" --output_dir "$out" "${COMMON[@]}"; then
-        step "textvqa compare" "$PYTHON" -m modeltest compare --history "$HISTORY" "$out" \
-            --max_drop "$MAX_DROP" --gate "$GATE"
-    fi
+    run_and_compare textvqa textvqa "$TEXTVQA_DATA"
 fi
 
 if [ -n "${COCO_IMAGES:-}" ]; then
-    out="$OUT_ROOT/$NIGHT/coco_caption"
-    if step "captions run" "$PYTHON" -m modeltest --task_config_path "$ROOT/configs/task/coco_caption.yaml" \
-            --dataset_path "$COCO_IMAGES" --output_dir "$out" "${COMMON[@]}"; then
-        step "captions compare" "$PYTHON" -m modeltest compare --history "$HISTORY" "$out" \
-            --max_drop "$MAX_DROP" --gate "$GATE"
+    if run_and_compare captions coco_caption "$COCO_IMAGES"; then
         if [ -n "${CLIP_WEIGHTS:-}" ] && [ -n "${CLIP_REFERENCE:-}" ]; then
             rst="$(find "$out/results" -name '*_coco_rst.json' | head -n 1)"
             step "captions CLIP score against the reference" "$PYTHON" -m modeltest.clip_score --image_info "$rst" \
