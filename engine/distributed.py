@@ -103,12 +103,16 @@ def init_tensor_parallel(tp_size: int, device: str) -> tuple[ParallelContext, st
             f"tensor_parallel_size={tp_size} runs one process per device: launch with "
             f"`torchrun --nproc_per_node {tp_size} your_script.py` (bash scripts/mm_run.sh does it for the harness)"
         )
-    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    world, rank = _env_int("WORLD_SIZE"), _env_int("RANK")
+    local_rank = _env_int("LOCAL_RANK", rank)
     if world % tp_size:
         raise EngineError(f"tensor_parallel_size={tp_size} does not divide the {world} processes torchrun started")
     kind = device.split(":")[0]
     if kind != "cpu":
+        count = getattr(torch, kind).device_count()
+        if local_rank >= count:
+            raise EngineError(f"process LOCAL_RANK={local_rank} has no {kind} device: {count} visible; start at most "
+                              f"{count} processes per node (torchrun --nproc_per_node)")  # fmt: skip
         device = f"{kind}:{local_rank}"
         getattr(torch, kind).set_device(local_rank)
     backend = BACKENDS[kind]
@@ -229,3 +233,13 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.ctx.all_gather(F.linear(hidden, self.weight), dim=-1)
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    value = os.environ.get(name)
+    if value is None and default is not None:
+        return default
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise EngineError(f"environment variable {name}={value!r} is not a whole number (torchrun sets it)") from None

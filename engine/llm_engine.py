@@ -40,17 +40,20 @@ from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence, Status
 
 logger = logging.getLogger("engine")
+_handler: logging.Handler | None = None  # the stderr handler the engine added itself, if it did
 
 
 def _default_logging(rank: str = "") -> None:
     """Like vLLM, say what the engine decided (KV cache size) on stderr unless the application has
     configured logging itself; under tensor parallelism each line names its rank."""
-    if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        logger.addHandler(handler)
+    global _handler
+    if _handler is None:
+        if logger.handlers or logging.getLogger().handlers:
+            return  # the application's handlers and formats stay as they are
+        _handler = logging.StreamHandler()
+        logger.addHandler(_handler)
         logger.setLevel(logging.INFO)
-    for handler in logger.handlers:
-        handler.setFormatter(logging.Formatter(f"engine{rank}: %(message)s"))
+    _handler.setFormatter(logging.Formatter(f"engine{rank}: %(message)s"))
 
 
 def check_model(model: str | Path, tensor_parallel_size: int = 1) -> None:

@@ -192,10 +192,13 @@ def test_token_id_prompts(qwen_vl_llm, photo_dir):
 
     broken = list(labelled)
     broken[broken.index(tok.img_end_id)] = tok.encode("x")[0]
+    not_utf8 = list(labelled)
+    not_utf8[labelled.index(tok.img_start_id) + 1] = 0xFF  # the path's first byte
     for prompt, message in [
         ({"prompt_token_ids": [1, 2, 10**6]}, "1000000 is not a token id"),
         ({"prompt_token_ids": "1 2 3"}, "must be a list of integers"),
         ({"prompt_token_ids": broken}, f"the image span at position {labelled.index(tok.img_start_id)} is not <img>"),
+        ({"prompt_token_ids": not_utf8}, "holds a path that is not UTF-8"),
         ({"prompt_token_ids": [1], "prompt": "x"}, "'prompt' or 'prompt_token_ids', not both"),
     ]:
         with pytest.raises(EngineError, match=message):
@@ -235,3 +238,18 @@ def test_logprobs_minus_one_gives_the_whole_distribution(qwen_vl_llm):
         assert int(row.argmax()) == token  # greedy
     chosen = [float(r[t]) for r, t in zip(out.logprobs, out.token_ids, strict=True)]
     assert out.outputs[0].cumulative_logprob == pytest.approx(sum(chosen))
+
+
+def test_the_applications_log_format_is_kept(monkeypatch):
+    """The engine adds its own stderr handler only when nothing is configured, and under tensor
+    parallelism re-formats only that one: a handler the application put on `engine` keeps its format."""
+    import logging
+
+    import engine.llm_engine as le
+
+    monkeypatch.setattr(le, "_handler", None)
+    mine = logging.StreamHandler()
+    mine.setFormatter(fmt := logging.Formatter("MINE %(message)s"))
+    monkeypatch.setattr(le.logger, "handlers", [mine])
+    le._default_logging(" (rank 1)")
+    assert le.logger.handlers == [mine] and mine.formatter is fmt

@@ -84,3 +84,22 @@ def test_more_than_one_device_without_torchrun_says_how_to_launch(qwen_vl_ckpt):
     with pytest.raises(EngineError, match=r"tensor_parallel_size=2 runs one process per device: launch with "
                                           r"`torchrun --nproc_per_node 2"):
         LLM(qwen_vl_ckpt, device="cpu", tensor_parallel_size=2, progress=False)
+
+
+@pytest.mark.parametrize("env, device, message", [
+    ({"WORLD_SIZE": "two", "RANK": "0"}, "cpu", r"WORLD_SIZE='two' is not a whole number"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "x"}, "cpu", r"LOCAL_RANK='x' is not a whole number"),
+    # more processes on a node than devices: one line, not CUDA's "invalid device ordinal"
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, "cuda", r"LOCAL_RANK=1 has no cuda device: 1 visible"),
+])  # fmt: skip
+def test_a_broken_torchrun_environment_is_one_line(monkeypatch, env, device, message):
+    import torch
+
+    from engine.distributed import init_tensor_parallel
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device reached"))
+    with pytest.raises(EngineError, match=message):
+        init_tensor_parallel(2, device)

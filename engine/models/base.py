@@ -23,7 +23,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +58,6 @@ class ModelSpec:
     num_layers: int
     num_kv_heads: int  # on this rank (all of them / tensor_parallel_size), as stored in the KV cache
     head_dim: int
-    vocab_size: int  # rows of the logits
     max_model_len: int  # the default context length
     max_model_len_limit: int | None = None  # beyond it the model cannot run; None: no hard limit
     limit_reason: str = ""  # why, for the error message
@@ -129,11 +128,9 @@ class CausalLM(nn.Module):
 
 
 class ModelFamily(ABC):
-    """One model family, built from a checkpoint folder. Subclasses set `model_types` and `name`."""
+    """One model family, built from a checkpoint folder (engine.models.REGISTRY names it by model_type)."""
 
-    model_types: ClassVar[tuple[str, ...]] = ()
-    name: ClassVar[str] = ""
-    warmup_tokens_per_image: ClassVar[int] = 0  # the shortest prompt holding one image of the largest size
+    warmup_tokens_per_image: int = 0  # the shortest prompt holding one image of the largest size
 
     spec: ModelSpec
     tokenizer: Tokenizer

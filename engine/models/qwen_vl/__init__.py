@@ -3,6 +3,7 @@ without running any of it. `QwenVLFamily` is what the engine's registry finds fo
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 from ...errors import EngineError
@@ -15,9 +16,6 @@ IGNORED_SUFFIXES = (".attn.masked_bias", ".attn.bias", ".rotary_emb.inv_freq")
 
 
 class QwenVLFamily(ModelFamily):
-    model_types = ("qwen",)
-    name = "Qwen-VL"
-    warmup_tokens_per_image = IMG_SPAN + 2  # <img>, 256 slots, </img>
 
     def __init__(self, model_path: Path, raw_config: dict, config_path: Path, tp_size: int = 1):
         from ...distributed import check_divides
@@ -37,7 +35,6 @@ class QwenVLFamily(ModelFamily):
             num_layers=cfg.num_hidden_layers,
             num_kv_heads=cfg.num_attention_heads // tp_size,
             head_dim=cfg.head_dim,
-            vocab_size=cfg.vocab_size,
             max_model_len=cfg.max_position_embeddings if limit is None else min(cfg.max_position_embeddings, limit),
             max_model_len_limit=limit,
             limit_reason="the longest context Qwen-VL's log-n attention covers",
@@ -81,16 +78,24 @@ class QwenVLFamily(ModelFamily):
         alpha = ntk_alpha(prompt_len, self.config.seq_length) if self.config.use_dynamic_ntk else 1.0
         return alpha, repr(alpha).encode()
 
-    def warmup_prompt(self, num_tokens: int, index: int) -> ProcessedPrompt:
+    @cached_property
+    def _warmup(self) -> tuple[list[int], list[int], object]:
+        """The warm-up prompts' pieces, made once: an image span, a filler token, a blank image."""
         from PIL import Image
 
         from .processor import resize
 
-        span = self.tokenizer.encode("<img>warm-up</img>")
-        filler = self.tokenizer.encode(" the")
+        size = self.config.visual.image_size
+        span = self.tokenizer.encode("<img>warm-up</img>")  # <img>, 256 slots, </img>
+        return span, self.tokenizer.encode(" the"), resize(Image.new("RGB", (size, size)), size)
+
+    @property
+    def warmup_tokens_per_image(self) -> int:  # type: ignore[override]
+        return len(self._warmup[0])
+
+    def warmup_prompt(self, num_tokens: int, index: int) -> ProcessedPrompt:
+        span, filler, blank = self._warmup
         if num_tokens < len(span):
             return ProcessedPrompt("", filler * num_tokens)
-        size = self.config.visual.image_size
-        blank = resize(Image.new("RGB", (size, size)), size)
         image = ImageSpan(1, IMG_SPAN, key=f"warm-up-{index}", data=blank)
         return ProcessedPrompt("", span + filler * (num_tokens - len(span)), [image])

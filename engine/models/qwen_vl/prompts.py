@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 
 from ...errors import EngineError
-from .tokenizer import IMAGE_TAGS, IMG_SPAN, QwenVLTokenizer
+from .tokenizer import IMAGE_TAGS, QwenVLTokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 MAX_WINDOW_SIZE = 6144  # the original chat's history budget in tokens
@@ -165,29 +165,11 @@ def render_prompt(tokenizer: QwenVLTokenizer, prompt) -> RenderedPrompt:
 
 
 def _token_ids(tokenizer: QwenVLTokenizer, ids) -> list[int]:
-    """Checked token ids: known ids, and image spans as the tokenizer writes them."""
+    """Checked token ids: known ids (their image spans are checked as every prompt's are, by
+    `tokenizer.image_paths`)."""
     if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise EngineError("prompt_token_ids must be a list of integers")
     bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
     if bad is not None:
         raise EngineError(f"prompt_token_ids: {bad} is not a token id (the vocabulary has {tokenizer.vocab_size})")
-    for pos in (i for i, t in enumerate(ids) if t == tokenizer.img_start_id):
-        slots = ids[pos + 1 : pos + 1 + IMG_SPAN]
-        path_len = slots.index(tokenizer.img_pad_id) if tokenizer.img_pad_id in slots else len(slots)
-        ok = (
-            len(slots) == IMG_SPAN
-            and pos + 1 + IMG_SPAN < len(ids)
-            and ids[pos + 1 + IMG_SPAN] == tokenizer.img_end_id
-            and all(t < 256 for t in slots[:path_len])
-            and all(t == tokenizer.img_pad_id for t in slots[path_len:])
-        )
-        if not ok:
-            raise EngineError(
-                f"prompt_token_ids: the image span at position {pos} is not <img>, {IMG_SPAN} slots (the path's "
-                "bytes, then <imgpad>), </img>; encode the prompt with the model's tokenizer"
-            )
-        try:
-            bytes(slots[:path_len]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise EngineError(f"prompt_token_ids: the image span at position {pos} holds a path that is not UTF-8") from None
     return list(ids)

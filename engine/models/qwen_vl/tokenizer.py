@@ -117,12 +117,27 @@ class QwenVLTokenizer(Tokenizer):
         return [self.img_start_id, *path, *([self.img_pad_id] * (IMG_SPAN - len(path))), self.img_end_id]
 
     def image_paths(self, ids: list[int]) -> list[tuple[int, str]]:
-        """(position of <img>, path) for each image span in encoded ids."""
+        """(position of <img>, path) for each image span in encoded ids, each checked to be as `encode`
+        writes it (EngineError otherwise: ids may come from elsewhere)."""
         spans = []
         for start in (i for i, t in enumerate(ids) if t == self.img_start_id):
             slots = ids[start + 1 : start + 1 + IMG_SPAN]
             length = slots.index(self.img_pad_id) if self.img_pad_id in slots else len(slots)
-            spans.append((start, bytes(slots[:length]).decode("utf-8")))
+            if not (
+                len(slots) == IMG_SPAN
+                and start + 1 + IMG_SPAN < len(ids)
+                and ids[start + 1 + IMG_SPAN] == self.img_end_id
+                and all(t < 256 for t in slots[:length])
+                and all(t == self.img_pad_id for t in slots[length:])
+            ):
+                raise EngineError(
+                    f"the image span at position {start} is not <img>, {IMG_SPAN} slots (the path's bytes, then "
+                    "<imgpad>), </img>; encode the prompt with the model's tokenizer"
+                )
+            try:
+                spans.append((start, bytes(slots[:length]).decode("utf-8")))
+            except UnicodeDecodeError:
+                raise EngineError(f"the image span at position {start} holds a path that is not UTF-8") from None
         return spans
 
     def span_path(self, inner: list[int], errors: str = "replace") -> str:
