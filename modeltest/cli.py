@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from .errors import EXIT_BAD_INPUT, ModelTestError
+from .errors import EXIT_BAD_INPUT, EXIT_TOO_MANY_ERRORS, ModelTestError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +93,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
     )
     result = run(model_cfg, task_cfg, opts)
-    if result.exit_code:
+    if result.exit_code == EXIT_TOO_MANY_ERRORS:
         print(
             f"modeltest: {result.errors} of {result.total} samples failed (more than --max_error_rate "
             f"{opts.max_error_rate}); see {result.paths.samples}",

@@ -17,9 +17,7 @@ import argparse
 import csv
 import io
 import math
-import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -251,19 +249,12 @@ def check_output_dir(out_dir: Path, outputs: tuple[Path, ...], named: str) -> No
     read-only folder or a full disk shows now rather than after every image is scored. A probe file is
     created, filled, synced and removed in the folder, or where a missing folder would be made (a
     refused run leaves no folder behind); the output names must not be folders."""
-    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists() or p == p.parent)
+    from .output import probe_writable
+
     try:
-        if not existing.is_dir():
-            raise NotADirectoryError(20, "a file, not a folder", str(existing))
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".clip_score-write-check-")
-        try:
-            os.write(fd, b"\0" * 4096)  # a few KB, like the outputs: a full disk refuses them now
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(probe)
+        probe_writable(out_dir, create=False)
     except OSError as e:
-        where = e.filename or existing
+        where = e.filename or out_dir
         raise ModelTestError(f"{named} {out_dir}: cannot write the outputs there ({where}: {e.strerror or e}); "
                              "choose another --output_dir (or free space)") from None  # fmt: skip
     for path in outputs:
@@ -329,7 +320,8 @@ def run(args: argparse.Namespace) -> int:
         raise ModelTestError(f"none of the {len(entries)} images listed in {captions_path} is in {dataset}")
 
     device = _resolve_device(args.device)
-    from .metrics.clip import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, ClipScorer, clip_s, compare, sha256_file
+    from .metrics.clip import ClipScorer, clip_s, compare, sha256_file
+    from .stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 
     config = {"model_name": args.model_name, "model_weights_path": str(weights), "device": device,
               "precision": args.precision, "batch_size": args.batch_size, "image_info": str(captions_path),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import math
@@ -33,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelTestError
-from .output import write_json
+from .metrics import evaluator_of
+from .output import dataset_fingerprint, write_json
 from .stats import paired, verdict
 
 EXIT_FAIL = 1
@@ -54,16 +54,6 @@ class TaskRun:
     @property
     def folder(self) -> Path:
         return self.source.parent
-
-
-def dataset_fingerprint(records) -> str:
-    """SHA-256 over the samples' ids, questions, image file names and references, in id order."""
-    items = sorted(
-        ([str(r["id"]), r.get("question"), os.path.basename(str(r.get("image") or "")), r.get("references") or []]
-         for r in records),
-        key=lambda item: item[0],
-    )  # fmt: skip
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
 def higher_is_better(metric: str) -> bool:
@@ -97,8 +87,9 @@ def _samples_path(result_json: Path, summary: dict) -> Path:
         derived = Path(*parts[:i], "debug", *parts[i + 1 : -1], stem, "samples.jsonl")
         if derived.is_file():
             return derived
-    stated = Path(summary.get("paths", {}).get("samples", ""))
-    if stated.is_file():
+    paths = summary.get("paths")
+    stated = Path(str(paths.get("samples") or "")) if isinstance(paths, dict) else None
+    if stated is not None and stated.is_file():
         return stated
     raise ModelTestError(f"{result_json}: its samples.jsonl is neither beside the results folder nor at {stated}")
 
@@ -118,22 +109,33 @@ def load_result(path: Path) -> TaskRun:
     for key in ("task", "metric"):
         if key not in summary:
             raise ModelTestError(f"{path}: not a modeltest result JSON (no {key!r})")
+    if summary.get("complete") is False:
+        raise ModelTestError(f"{path}: the run has not finished (\"complete\": false: the results so far of a run "
+                             "still going or stopped); rerun its command to finish it, then compare")  # fmt: skip
     records = _read_samples(_samples_path(path, summary))
     return TaskRun(summary["task"], summary["metric"], higher_is_better(summary["metric"]), path, records, summary)
 
 
 def _load_clip(path: Path, summary: dict) -> TaskRun:
-    """A clip_score summary: the per-image cosine from its CSV is the sample score."""
-    table = Path(summary.get("outputs", {}).get("csv") or path.with_name(path.name.replace(".json", ".csv")))
-    if not table.is_file():
-        table = path.with_name(path.name.removesuffix(".json") + ".csv")
-    if not table.is_file():
-        raise ModelTestError(f"{path}: its per-image CSV ({table.name}) is not beside it")
+    """A clip_score summary: the per-image cosine from its CSV (beside it, else where it says) is the
+    sample score."""
+    from .config import read_text
+
+    outputs = summary.get("outputs")
+    stated = outputs.get("csv") if isinstance(outputs, dict) else None
+    candidates = [path.with_name(path.name.removesuffix(".json") + ".csv"), *([Path(str(stated))] if stated else [])]
+    table = next((c for c in candidates if c.is_file()), None)
+    if table is None:
+        raise ModelTestError(f"{path}: its per-image CSV ({candidates[0].name}) is not beside it")
     records = {}
-    with open(table, encoding="utf-8", newline="") as f:
-        for row in csv.DictReader(f):
+    rows = csv.DictReader(io.StringIO(read_text(table, "CLIP score CSV")))
+    for line, row in enumerate(rows, start=2):
+        try:
             records[row["image"]] = {"id": row["image"], "score": float(row["cos"]), "prediction": row["caption"],
                                      "image": row["image"], "references": [], "question": None}  # fmt: skip
+        except (KeyError, TypeError, ValueError):
+            raise ModelTestError(f"{table}:{line}: not a clip_score row (columns image, caption, cos; cos a number): "
+                                 f"{dict(row)!r:.120}") from None  # fmt: skip
     return TaskRun("clip_score", "clip_score", True, path, records, summary)
 
 
@@ -261,6 +263,11 @@ def _differences(base: TaskRun, cand: TaskRun) -> list[str]:
 def compare_task(base: TaskRun, cand: TaskRun, opts: Options) -> dict:
     if base.metric != cand.metric:
         raise ModelTestError(f"{base.task}: the baseline is scored with {base.metric}, the candidate with {cand.metric}")
+    evaluators = evaluator_of(base.summary), evaluator_of(cand.summary)
+    if evaluators[0] != evaluators[1]:
+        raise ModelTestError(f"{base.task}: the baseline's {base.metric} follows the {evaluators[0]} evaluator, the "
+                             f"candidate's {evaluators[1]} (metric.normalizer): their scores differ on the same "
+                             "answers; compare runs scored the same way")  # fmt: skip
     differences = _differences(base, cand)
     if differences and not opts.allow_different:
         raise ModelTestError(f"{base.task}: the runs are over different data: {'; '.join(differences)}; rerun on the "
@@ -271,6 +278,7 @@ def compare_task(base: TaskRun, cand: TaskRun, opts: Options) -> dict:
     b = [float(base.records[i]["score"]) for i in ids]
     c = [float(cand.records[i]["score"]) for i in ids]
     stats = paired(b, c, base.higher_is_better)
+    score_verdict = verdict(stats, opts.max_drop, opts.gate, opts.alpha)
     logits = compare_logits(base, cand, ids) if opts.logits else None
     sign = 1 if base.higher_is_better else -1
     gain = {i: sign * (cb - bb) for i, bb, cb in zip(ids, b, c, strict=True)}
@@ -296,9 +304,8 @@ def compare_task(base: TaskRun, cand: TaskRun, opts: Options) -> dict:
         "errors": {"baseline": _errors(base, ids), "candidate": _errors(cand, ids)},
         "not_compared": differences,
         "top_regressed": [_sample_row(base, cand, i, gain[i]) for i in worst],
-        "verdict": "FAIL" if verdict(stats, opts.max_drop, opts.gate, opts.alpha) == "FAIL"
-        or (logits and logits["verdict"] == "FAIL") else "PASS",
-        "score_verdict": verdict(stats, opts.max_drop, opts.gate, opts.alpha),
+        "verdict": "FAIL" if score_verdict == "FAIL" or (logits and logits["verdict"] == "FAIL") else "PASS",
+        "score_verdict": score_verdict,
         "logits": logits,
         "max_drop": opts.max_drop,
         "gate": opts.gate,
@@ -317,7 +324,7 @@ def _errors(run: TaskRun, ids: list) -> int:
 
 def _sample_row(base: TaskRun, cand: TaskRun, i, gain: float) -> dict:
     rb, rc = base.records[i], cand.records[i]
-    refs = [r["answer"] if isinstance(r, dict) else r for r in (rb.get("references") or [])]
+    refs = list(rb.get("references") or [])  # text: the runner records the answers' text
     return {"id": i, "question": rb.get("question"), "image": os.path.basename(str(rb.get("image") or "")),
             "baseline_prediction": rb.get("prediction"), "candidate_prediction": rc.get("prediction"),
             "baseline_score": rb["score"], "candidate_score": rc["score"], "gain": gain, "references": refs}  # fmt: skip
@@ -419,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BASELINE CANDIDATE (output folders or result JSONs); only CANDIDATE with --history or "
                         "--reference")  # fmt: skip
     p.add_argument("--history", help="take the baseline from this history database (the latest PASS, else the "
-                   "first run of the same task, model and data) and record the verdict")  # fmt: skip
+                   "first run of the same task, model, data and evaluator) and record the verdict")  # fmt: skip
     p.add_argument("--reference", help="gate against the reference figures in this YAML "
                    "(results/references/<model>.yaml) instead of a baseline run")  # fmt: skip
     p.add_argument("--max_drop", type=float, default=0.01, help="the largest drop that passes, absolute (default 0.01)")
@@ -465,7 +472,6 @@ def main(argv: list[str] | None = None) -> int:
 def compare_reference(reference: str | Path, candidate: Path, opts: Options) -> dict:
     """Each task of the candidate against the matching entry of a reference file (modeltest/references.py)."""
     from . import references
-    from .stats import Uncertainty
 
     refs = references.load(reference)
     tasks = []
@@ -475,10 +481,9 @@ def compare_reference(reference: str | Path, candidate: Path, opts: Options) -> 
             want = ", ".join(f"{k} {v!r}" for k, v in references.describe(run.summary).items())
             raise ModelTestError(f"{reference}: no reference for this run ({want}); entries: "
                                  + "; ".join(f"{r.task}/{r.metric}/{r.evaluator}/{r.dtype}" for r in refs))  # fmt: skip
-        spread = Uncertainty.of([float(r["score"]) for r in run.records.values()])
-        gated = references.gate(ref, spread.value, spread.stderr, opts.alpha)
+        gated = references.gate(ref, run.summary["value"], run.summary["stderr"], opts.alpha)  # as the run printed it
         tasks.append({"task": run.task, "metric": run.metric, "baseline": ref.score, "n": len(run.records),
-                      "ci95": list(spread.ci95), **gated, "candidate_source": str(run.source)})  # fmt: skip
+                      "ci95": run.summary.get("ci95"), **gated, "candidate_source": str(run.source)})  # fmt: skip
     return {"verdict": "FAIL" if any(t["verdict"] == "FAIL" for t in tasks) else "PASS", "tasks": tasks,
             "reference": str(reference), "candidate": str(candidate), "missing_in_candidate": []}  # fmt: skip
 

@@ -3,10 +3,11 @@
     modeltest ... --history runs.db                 (or MODELTEST_HISTORY=runs.db): record the run
     modeltest history --db runs.db [--task T] [--model M] [--last N] [--plot trend.png] [--html report.html]
     modeltest compare --history runs.db CANDIDATE   baseline: the latest PASS (else the first) run of
-                                                    the same task, model and data; the verdict is kept
+                                                    the same task, model, data and evaluator; the
+                                                    verdict is kept
 
 A run's row: when it finished, task, model, backend, device, dtype, tp / dp, git commit, package
-versions, the data's fingerprint, n, metric, score, its standard error, errors, duration, output
+versions, the data's fingerprint, n, metric, evaluator, score, its standard error, errors, duration, output
 folder and result JSON, and the verdict of the last comparison it was the candidate of. A
 comparison's row: both runs, the verdict, the difference and its p-value, the whole compare.json.
 """
@@ -24,6 +25,8 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import ModelTestError
+from .metrics import evaluator_of
+from .stats import Z95
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -41,6 +44,7 @@ CREATE TABLE IF NOT EXISTS runs (
     dataset_fingerprint TEXT,
     n INTEGER,
     metric TEXT,
+    evaluator TEXT,
     score REAL,
     stderr REAL,
     errors INTEGER,
@@ -63,7 +67,7 @@ CREATE TABLE IF NOT EXISTS comparisons (
 );
 """
 COLUMNS = ("id", "finished_at", "task", "model", "backend", "device", "dtype", "tp", "dp", "git_commit", "versions",
-           "dataset_fingerprint", "n", "metric", "score", "stderr", "errors", "duration_s", "output_dir",
+           "dataset_fingerprint", "n", "metric", "evaluator", "score", "stderr", "errors", "duration_s", "output_dir",
            "result_json", "verdict")  # fmt: skip
 
 
@@ -77,6 +81,10 @@ def connect(db: str | Path) -> sqlite3.Connection:
         path.parent.mkdir(parents=True, exist_ok=True)
         con = sqlite3.connect(path, timeout=60)
         con.executescript(SCHEMA)
+        have = {row[1] for row in con.execute("PRAGMA table_info(runs)")}
+        for column in ("evaluator",):  # added after the first histories were written
+            if column not in have:
+                con.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
     except (OSError, sqlite3.DatabaseError) as e:
         raise ModelTestError(f"{path}: cannot open the history database: {e}") from None
     con.row_factory = sqlite3.Row
@@ -101,6 +109,7 @@ def record_run(db: str | Path, summary: dict, result_json: Path, output_dir: str
         "dataset_fingerprint": summary.get("dataset_fingerprint"),
         "n": summary.get("total"),
         "metric": summary.get("metric"),
+        "evaluator": evaluator_of(summary),
         "score": summary.get("value"),
         "stderr": summary.get("stderr"),
         "errors": summary.get("errors"),
@@ -108,12 +117,16 @@ def record_run(db: str | Path, summary: dict, result_json: Path, output_dir: str
         "output_dir": str(Path(output_dir).resolve()),
         "result_json": str(Path(result_json).resolve()),
     }
-    with connect(db) as con:
-        names = ", ".join(row)
-        marks = ", ".join(f":{k}" for k in row)
-        updates = ", ".join(f"{k} = excluded.{k}" for k in row if k != "result_json")
-        con.execute(f"INSERT INTO runs ({names}) VALUES ({marks}) ON CONFLICT(result_json) DO UPDATE SET {updates}", row)
-        return con.execute("SELECT id FROM runs WHERE result_json = ?", (row["result_json"],)).fetchone()[0]
+    names = ", ".join(row)
+    marks = ", ".join(f":{k}" for k in row)
+    updates = ", ".join(f"{k} = excluded.{k}" for k in row if k != "result_json")
+    try:
+        with connect(db) as con:
+            con.execute(f"INSERT INTO runs ({names}) VALUES ({marks}) ON CONFLICT(result_json) DO UPDATE SET {updates}",
+                        row)  # fmt: skip
+            return con.execute("SELECT id FROM runs WHERE result_json = ?", (row["result_json"],)).fetchone()[0]
+    except sqlite3.Error as e:  # read-only, locked past the timeout, full disk
+        raise ModelTestError(f"{db}: cannot record the run in the history database: {e}") from None
 
 
 def find_run(con: sqlite3.Connection, result_json: Path) -> sqlite3.Row | None:
@@ -121,10 +134,10 @@ def find_run(con: sqlite3.Connection, result_json: Path) -> sqlite3.Row | None:
 
 
 def baseline_for(con: sqlite3.Connection, run: sqlite3.Row) -> sqlite3.Row | None:
-    """The latest run that PASSed (else the first run) with the same task, model and data, among the
-    runs recorded before `run`."""
-    where = "task = ? AND model = ? AND dataset_fingerprint IS ? AND id < ?"
-    args = (run["task"], run["model"], run["dataset_fingerprint"], run["id"])
+    """The latest run that PASSed (else the first run) with the same task, model, data, metric and
+    evaluator, among the runs recorded before `run`."""
+    where = "task = ? AND model = ? AND dataset_fingerprint IS ? AND metric IS ? AND evaluator IS ? AND id < ?"
+    args = (run["task"], run["model"], run["dataset_fingerprint"], run["metric"], run["evaluator"], run["id"])
     passed = con.execute(f"SELECT * FROM runs WHERE {where} AND verdict = 'PASS' ORDER BY finished_at DESC, id DESC "
                          "LIMIT 1", args).fetchone()  # fmt: skip
     return passed or con.execute(f"SELECT * FROM runs WHERE {where} ORDER BY finished_at, id LIMIT 1", args).fetchone()
@@ -170,7 +183,7 @@ def plot(rows: list, path: Path | None = None) -> bytes:
     for (task, model, device), points in series.items():
         x = [datetime.fromisoformat(p["finished_at"]) for p in points]
         y = [p["score"] for p in points]
-        err = [1.959964 * (p["stderr"] or 0.0) for p in points]
+        err = [Z95 * (p["stderr"] or 0.0) for p in points]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{task} · {model} · {device}")
         failed = [(xi, yi) for xi, yi, p in zip(x, y, points, strict=True) if p["verdict"] == "FAIL"]
         if failed:

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import csv
 import errno
+import hashlib
 import json
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +51,38 @@ def run_paths(output_dir, family, task_type, task, data_type, model, model_type,
     stem = f"{task}_{model_type}_batch{batch_size}_tp{tp}"
     results = Path(output_dir, "results", rel)
     return RunPaths(results / f"{stem}_result.csv", results / f"{stem}_result.json", Path(output_dir, "debug", rel, stem))
+
+
+def probe_writable(folder: Path, create: bool) -> None:
+    """Before any work: a file can be written in `folder` (a folder that is a file, read-only or on a
+    full disk shows now, not after the run). A 4 KiB probe is written, synced and removed — in the
+    folder, made first (`create`), or else in its nearest existing parent (nothing is made). OSError
+    otherwise, naming where."""
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder
+    else:
+        target = next(p for p in (folder, *folder.absolute().parents) if p.exists() or p == p.parent)
+        if not target.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", str(target))
+    fd, probe = tempfile.mkstemp(dir=target, prefix=".modeltest-write-check-")
+    try:
+        os.write(fd, b"\0" * 4096)  # a few KB, like the outputs: a full disk refuses them now
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def dataset_fingerprint(records) -> str:
+    """SHA-256 over the samples' ids, questions, image file names and references, in id order (not the
+    rendered prompts: the same image has another path on another machine)."""
+    items = sorted(
+        ([str(r["id"]), r.get("question"), os.path.basename(str(r.get("image") or "")), r.get("references") or []]
+         for r in records),
+        key=lambda item: item[0],
+    )  # fmt: skip
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
 def atomic_write(path: Path, text: str) -> None:

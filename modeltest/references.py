@@ -2,7 +2,7 @@
 no baseline run yet, as TensorRT-LLM and vLLM keep per-model accuracy references.
 
 A file holds `model` and `references`, a list of entries with `task`, `metric`, `evaluator` (the
-task's metric.normalizer), `dtype`, `score` and `tolerance` (fractions) and `source` (where the figure
+task's metric.normalizer, `official` read as `qwen_vl`; `none` for a metric without one), `dtype`, `score` and `tolerance` (fractions) and `source` (where the figure
 comes from: a publication with the prompt, token budget and evaluator that produced it, or a
 measurement here with its machine and commit). A run matches an entry when its model, task, metric,
 evaluator and dtype are the entry's.
@@ -66,10 +66,11 @@ def load(path: str | Path) -> list[Reference]:
 
 def describe(summary: dict) -> dict:
     """What a run's result JSON says about the keys references are matched on."""
+    from .metrics import evaluator_of
+
     model_cfg = (summary.get("config") or {}).get("model") or {}
-    evaluator = summary.get("normalizer")
     return {"model": summary.get("model"), "task": summary.get("task"), "metric": summary.get("metric"),
-            "evaluator": "qwen_vl" if evaluator == "official" else evaluator,  # official is an alias of qwen_vl
+            "evaluator": evaluator_of(summary) or "none",  # official is an alias of qwen_vl
             "dtype": summary.get("dtype") or model_cfg.get("data_type")}  # fmt: skip
 
 

@@ -10,28 +10,29 @@ what a single process writes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from .backends.base import Backend, Generation, Request, backend_class, check_model_path, create_backend
-from .compare import dataset_fingerprint
 from .config import ModelConfig, TaskConfig, to_dict
-from .errors import EXIT_TOO_MANY_ERRORS, ModelTestError
+from .errors import EXIT_BAD_INPUT, EXIT_TOO_MANY_ERRORS, ModelTestError
 from .output import (
     CSV_COLUMNS,
     JsonlAppender,
     RunPaths,
     atomic_write,
+    dataset_fingerprint,
     device_family,
+    probe_writable,
     read_samples,
     run_paths,
     write_csv,
@@ -304,11 +305,7 @@ def _check_writable(paths: RunPaths, dry: bool = False) -> None:
                 if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
                     raise PermissionError(13, "not a writable folder", str(existing))
                 continue
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-") as f:
-                f.write(b"\0" * 4096)
-                f.flush()
-                os.fsync(f.fileno())
+            probe_writable(folder, create=True)
         except OSError as e:
             where = e.filename or folder
             raise ModelTestError(f"cannot write the run's outputs under {where}: {e.strerror}; choose another "
@@ -545,17 +542,28 @@ def _write_results(task: Task, records: list[dict], paths: RunPaths, opts: RunOp
 
 def _after(result: RunResult, opts: RunOptions) -> None:
     """A finished run: recorded in the history (--history), and how far it is from its reference figure
-    when results/references/ has one for its model, task, metric, evaluator and dtype."""
+    when results/references/ has one for its model, task, metric, evaluator and dtype. Either failing
+    (a history that cannot be written, a broken reference file) is one line; the run's results stay,
+    and the exit code is the run's own, else 2."""
     from . import history, references
 
-    if opts.history:
+    def report() -> None:
+        ref = references.match(references.for_model(result.summary.get("model")), result.summary)
+        if ref is not None:
+            g = references.gate(ref, result.summary["value"], result.summary["stderr"])
+            print(f"reference: {g['reference']:.4f} (tolerance {g['tolerance']:g}; {ref.file.name}); this run "
+                  f"{g['candidate']:.4f} ± {g['stderr']:.4f}, {g['diff']:+.4f}: {g['verdict']}")  # fmt: skip
+
+    def record() -> None:
         run_id = history.record_run(opts.history, result.summary, result.paths.result_json, opts.output_dir)
         print(f"history: run {run_id} in {opts.history}")
-    ref = references.match(references.for_model(result.summary.get("model")), result.summary)
-    if ref is not None:
-        g = references.gate(ref, result.summary["value"], result.summary["stderr"])
-        print(f"reference: {g['reference']:.4f} (tolerance {g['tolerance']:g}; {ref.file.name}); this run "
-              f"{g['candidate']:.4f} ± {g['stderr']:.4f}, {g['diff']:+.4f}: {g['verdict']}")  # fmt: skip
+
+    for step in (record, report) if opts.history else (report,):
+        try:
+            step()
+        except ModelTestError as e:
+            print(f"modeltest: {e} (the run's results are written: {result.paths.result_json})", file=sys.stderr)
+            result.exit_code = result.exit_code or EXIT_BAD_INPUT
 
 
 def _print_table(rows, spread, errors: int, failed: bool, paths: RunPaths, extra_paths: dict) -> None:
@@ -572,6 +580,7 @@ def _print_table(rows, spread, errors: int, failed: bool, paths: RunPaths, extra
         print(f"{label}: {path}")
 
 
+@functools.cache  # one process, one install: asked once, not at every refresh
 def _versions() -> dict:
     from importlib import metadata
 
@@ -584,6 +593,7 @@ def _versions() -> dict:
     return out
 
 
+@functools.cache
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from modeltest.clip_score import main
-from modeltest.metrics.clip import ClipScorer, clip_s, compare, paired_bootstrap
+from modeltest.metrics.clip import ClipScorer, clip_s, compare
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -329,11 +329,13 @@ def test_paired_bootstrap():
     rng = np.random.default_rng(1)
     ref = rng.normal(0.3, 0.05, 200)
     cand = ref - 0.02 + rng.normal(0, 0.01, 200)
-    mean, lo, hi = paired_bootstrap(cand, ref)
+    result = compare(cand, ref, tolerance=0.01)
+    mean, (lo, hi) = result.mean_diff, result.ci95
     assert mean == pytest.approx(np.mean(cand - ref))
     assert lo < mean < hi and hi - lo < 0.01  # paired: the shared 0.05 spread cancels
-    assert paired_bootstrap(cand, ref) == (mean, lo, hi)  # fixed seed
-    assert paired_bootstrap([0.5, 0.7], [0.4, 0.6]) == pytest.approx((0.1, 0.1, 0.1))
+    assert compare(cand, ref, tolerance=0.01).ci95 == (lo, hi)  # fixed seed
+    same = compare([0.5, 0.7], [0.4, 0.6], tolerance=0.01)
+    assert (same.mean_diff, *same.ci95) == pytest.approx((0.1, 0.1, 0.1))
     np.testing.assert_allclose(clip_s([-0.2, 0.0, 0.3, 0.5]), [0.0, 0.0, 0.75, 1.25])
     result = compare([0.30, 0.20, 0.31], [0.30, 0.30, 0.30], tolerance=0.02)
     assert result.verdict == "FAIL" and result.share_worse == pytest.approx(1 / 3)  # mean drop 0.03

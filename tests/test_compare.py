@@ -165,6 +165,56 @@ def test_runs_over_different_data(runs, photo_dir, tmp_path, capsys):
     assert main(["compare", str(tmp_path / "nowhere"), str(tmp_path / "o")]) == 2
 
 
+@pytest.mark.parametrize("change, refused", [
+    ({"normalizer": "vqaeval"}, "the baseline's vqa_accuracy follows the evalai evaluator, the candidate's vqaeval"),
+    ({"complete": False}, "the run has not finished"),
+    ({"paths": "elsewhere"}, None),  # a damaged field the layout does not need: still read
+])  # fmt: skip
+def test_runs_that_cannot_be_compared_are_refused(runs, tmp_path, capsys, change, refused):
+    """Scores made with another answer processing, and the results-so-far of an unfinished run, are
+    not compared (a regression would be the evaluator's or the missing samples', not the model's)."""
+    import shutil
+
+    cand = tmp_path / "cand"
+    shutil.copytree(runs["again"], cand)
+    result_json = next(cand.rglob("*_result.json"))
+    result_json.write_text(json.dumps({**json.loads(result_json.read_text()), **change}))
+    capsys.readouterr()
+    code = main(["compare", str(runs["baseline"]), str(cand), "--output", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    if refused is None:
+        assert code == 0
+    else:
+        assert code == 2 and err.count("\n") == 1 and refused in err
+
+
+@pytest.mark.parametrize("table, message", [
+    ("image,caption\na.jpg,a cat\n", ":2: not a clip_score row"),
+    ("image,caption,cos\na.jpg,a cat,high\n", ":2: not a clip_score row"),
+    (b"image,caption,cos\n\xff.jpg,a cat,0.3\n", "not UTF-8"),
+])  # fmt: skip
+def test_a_damaged_clip_score_table_is_one_line(tmp_path, capsys, table, message):
+    for side in ("a", "b"):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "x_clip_score.json").write_text(json.dumps({"clip_score": 0.3}))
+        good = "image,caption,cos\na.jpg,a cat,0.3\n"
+        data = table if side == "b" else good
+        (tmp_path / side / "x_clip_score.csv").write_bytes(data if isinstance(data, bytes) else data.encode())
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "x_clip_score.csv" in err
+
+
+def test_official_and_qwen_vl_are_one_evaluator(runs, tmp_path):
+    import shutil
+
+    for name, normalizer in (("b", "official"), ("c", "qwen_vl")):
+        shutil.copytree(runs["again"], tmp_path / name)
+        f = next((tmp_path / name).rglob("*_result.json"))
+        f.write_text(json.dumps({**json.loads(f.read_text()), "normalizer": normalizer}))
+    assert main(["compare", str(tmp_path / "b"), str(tmp_path / "c"), "--output", str(tmp_path / "o")]) == 0
+
+
 # ---- CLIP scores ------------------------------------------------------------------------------------
 
 from test_clip_score import CAPTIONS, run_cli, weights  # noqa: E402, F401

@@ -158,3 +158,56 @@ def test_the_shipped_references_load():
     for f in files:
         for r in load(f):
             assert r.model == f.stem and 0 < r.score <= 1 and r.tolerance > 0 and len(r.source) > 40
+
+
+@pytest.mark.parametrize("broken", ["reference", "history"])
+def test_a_finished_run_keeps_its_results_when_the_history_or_reference_fails(task_yaml, tmp_path, monkeypatch,
+                                                                               capsys, broken):  # fmt: skip
+    """One line, the results written, the run's own exit code kept (3: too many failed samples) or 2."""
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    (refs / "predictions.yaml").write_text("model: predictions\nreferences: [{task: textvqa}]\n" if broken ==
+                                           "reference" else "model: predictions\nreferences: []\n")  # fmt: skip
+    monkeypatch.setenv("MODELTEST_REFERENCES", str(refs))
+    db = tmp_path / "a-file"
+    db.write_text("not a database")
+    code = _score_only(task_yaml, tmp_path / "run", _answers(0), db if broken == "history" else None)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "the run's results are written" in err
+    assert ("predictions.yaml" if broken == "reference" else "cannot open the history database") in err
+    summary = json.loads(next((tmp_path / "run").rglob("*_result.json")).read_text())
+    assert summary["complete"] is True and summary["total"] == len(IDS)
+    if broken == "reference":  # too many failed samples (exit 3) and a broken reference: 3 stays
+        from modeltest.backends.base import Backend, Generation
+
+        class Fails(Backend):
+            def generate(self, requests):
+                return [Generation(error="broken on purpose") for _ in requests]
+
+        (refs / "tiny.yaml").write_text("model: tiny\nreferences: [{task: textvqa}]\n")
+        res = run(ModelConfig(model_name="tiny"), load_task_config(task_yaml),
+                  RunOptions(output_dir=str(tmp_path / "o"), backend="hf", device="cpu", progress=False),
+                  backend=Fails())  # fmt: skip
+        assert res.exit_code == 3 and "tiny.yaml" in capsys.readouterr().err
+
+
+def test_the_baseline_is_scored_with_the_same_evaluator(task_yaml, tmp_path, capsys):
+    """A run scored with another normalizer is not compared with the earlier runs (its numbers mean
+    something else): it is the first of its kind. A history written before the evaluator column
+    existed gains it."""
+    db = tmp_path / "runs.db"
+    with sqlite3.connect(db) as con:  # the first schema, without `evaluator`
+        con.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, finished_at TEXT NOT NULL, task TEXT NOT NULL, "
+                    "model TEXT NOT NULL, backend TEXT, device TEXT, dtype TEXT, tp INTEGER, dp INTEGER, git_commit "
+                    "TEXT, versions TEXT, dataset_fingerprint TEXT, n INTEGER, metric TEXT, score REAL, stderr REAL, "
+                    "errors INTEGER, duration_s REAL, output_dir TEXT, result_json TEXT UNIQUE, verdict TEXT)")  # fmt: skip
+    assert _score_only(task_yaml, tmp_path / "evalai", _answers(0), db) == 0
+    other = tmp_path / "vqaeval.yaml"
+    cfg = yaml.safe_load(task_yaml.read_text())
+    other.write_text(yaml.safe_dump({**cfg, "metric": {**cfg.get("metric", {}), "normalizer": "vqaeval"}}))
+    assert _score_only(other, tmp_path / "vqaeval", _answers(4), db) == 0
+    assert main(["compare", "--history", str(db), str(tmp_path / "vqaeval"), "--output", str(tmp_path / "c")]) == 0
+    (task,) = json.loads((tmp_path / "c" / "compare.json").read_text())["tasks"]
+    assert task["baseline"] is None and "the first run of its task" in task["note"]
+    with sqlite3.connect(db) as con:
+        assert [r[0] for r in con.execute("SELECT evaluator FROM runs ORDER BY id")] == ["evalai", "vqaeval"]

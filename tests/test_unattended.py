@@ -19,7 +19,7 @@ import pytest
 
 import modeltest.runner as runner
 from modeltest.cli import main
-from modeltest.compare import dataset_fingerprint
+from modeltest.output import dataset_fingerprint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_runner import ANSWERS, TableBackend, _run  # noqa: E402

@@ -17,10 +17,17 @@ import json
 from pathlib import Path
 
 from ..errors import ModelTestError
-from ..tasks.base import check_id, loads_json, parse_json, read_jsonl_lines, read_text, show_json
+from ..tasks.base import (
+    add_unique_id,
+    check_id,
+    loads_json,
+    parse_json,
+    read_jsonl_lines,
+    read_text,
+    show_json,
+)
 from .base import Backend, Generation, Request
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 RECORD = '{"question_id": .., "answer": ..}'
 
 
@@ -76,15 +83,7 @@ def _records(located: list[tuple[str, object]], path: Path) -> dict:
         qid = check_id(row["question_id"], loc)
         if not isinstance(row["answer"], str):
             raise ModelTestError(f"{loc}: 'answer' must be text, got {show_json(row['answer'])}")
-        key = str(qid)
-        if key in first:
-            where, other = first[key]
-            if type(other) is type(qid):
-                raise ModelTestError(f"{loc}: question_id {qid!r} appears more than once (first in {where}); "
-                                     "keep one answer per question")  # fmt: skip
-            raise ModelTestError(f"{loc}: question_id {key} appears twice: as {other!r} ({where}) and as {qid!r}; "
-                                 "ids are matched as text, so keep one")  # fmt: skip
-        first[key] = (loc.removeprefix(f"{path}: "), qid)
+        add_unique_id(first, qid, loc, loc.removeprefix(f"{path}: "), fix="keep one answer per question")
         out[qid] = row["answer"]
     if not out:
         raise ModelTestError(f"{path}: no predictions in the file")
@@ -96,8 +95,9 @@ def _id_map(data: dict, path: Path) -> dict:
     "model_answer": [...]}), or {question_id: answer}. Its messages speak of captions only when its keys
     name images."""
     from ..clip_score import OLD_FORMAT, captions_from_json
+    from ..tasks.coco_caption import IMAGE_EXTENSIONS
 
-    if set(data) == set(OLD_FORMAT) or any(str(k).lower().endswith(IMAGE_SUFFIXES) for k in data):
+    if set(data) == set(OLD_FORMAT) or any(str(k).lower().endswith(tuple(IMAGE_EXTENSIONS)) for k in data):
         return {e.image: e.caption for e in captions_from_json(data, path)}
     for key, answer in data.items():
         if not isinstance(answer, str):

@@ -26,6 +26,7 @@ class Metric:
     score: Callable[[str, Sequence], float]
     aggregate: Callable[[Sequence[float]], float] = mean
     higher_is_better: bool = True  # comparisons (modeltest compare) read a drop in this direction
+    evaluator: str | None = None  # the answer processing it follows (vqa.evaluator), for metrics that have one
 
 
 # evalai (mmf's EvalAI processor), vqaeval (GT-Vision-Lab vqaEval.py, current), qwen_vl (Qwen-VL's
@@ -34,8 +35,9 @@ NORMALIZERS = vqa.NORMALIZERS
 
 _VQA = vqa.VQA_ACCURACY
 _METRICS: dict[str, Callable[[str], Metric]] = {
-    "vqa_accuracy": lambda norm: Metric("vqa_accuracy", _VQA[norm]),
-    "exact_match": lambda norm: Metric("exact_match", partial(vqa.exact_match, normalizer=norm)),
+    "vqa_accuracy": lambda norm: Metric("vqa_accuracy", _VQA[norm], evaluator=vqa.evaluator(norm)),
+    "exact_match": lambda norm: Metric("exact_match", partial(vqa.exact_match, normalizer=norm),
+                                       evaluator=vqa.evaluator(norm)),  # fmt: skip
     "non_empty": lambda norm: Metric("non_empty", caption.non_empty),
 }
 
@@ -50,3 +52,11 @@ def get_metric(name: str, normalizer: str = "evalai") -> Metric:
 
 def available_metrics() -> list[str]:
     return sorted(_METRICS)
+
+
+def evaluator_of(summary: dict) -> str | None:
+    """The evaluator a result JSON's score was computed with (None: its metric has none)."""
+    name, normalizer = summary.get("metric"), summary.get("normalizer") or "evalai"
+    if name not in _METRICS or normalizer not in NORMALIZERS:
+        return None
+    return get_metric(name, normalizer).evaluator

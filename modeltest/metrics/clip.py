@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ModelTestError, closest
-from ..stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED  # one bootstrap for every comparison
 from .clip_towers import image_encoder, text_encoder
 
 if TYPE_CHECKING:
@@ -394,24 +393,6 @@ class ClipScorer:
 # ---------------------------------------------------------------- reference vs candidate
 
 
-def paired_bootstrap(
-    candidate: np.ndarray,
-    reference: np.ndarray,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = BOOTSTRAP_SEED,
-    confidence: float = 0.95,
-) -> tuple[float, float, float]:
-    """Mean of (candidate - reference) over paired images and its percentile bootstrap interval
-    (images resampled with replacement; fixed seed): modeltest.stats.bootstrap_ci of the differences."""
-    from ..stats import bootstrap_ci
-
-    diff = np.asarray(candidate, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
-    if diff.ndim != 1 or diff.size == 0:
-        raise ValueError("paired_bootstrap needs two equal-length, non-empty 1-d arrays")
-    low, high = bootstrap_ci(diff, resamples, seed, confidence)
-    return float(diff.mean()), low, high
-
-
 @dataclass(frozen=True)
 class Comparison:
     num_shared: int
@@ -430,27 +411,22 @@ class Comparison:
         return self.verdict == "PASS"
 
 
-def compare(
-    candidate: np.ndarray,
-    reference: np.ndarray,
-    tolerance: float,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = BOOTSTRAP_SEED,
-) -> Comparison:
+def compare(candidate: np.ndarray, reference: np.ndarray, tolerance: float) -> Comparison:
+    """Paired over images with modeltest compare's statistics (modeltest/stats.py: mean difference,
+    seeded percentile bootstrap interval, the "abs" gate's verdict)."""
     from ..stats import paired, verdict
 
     candidate = np.asarray(candidate, dtype=np.float64)
     reference = np.asarray(reference, dtype=np.float64)
-    mean_diff, low, high = paired_bootstrap(candidate, reference, resamples, seed)
-    stats = paired(reference, candidate)  # the verdict modeltest compare gives (gate "abs")
+    stats = paired(reference, candidate)
     return Comparison(
         num_shared=int(candidate.size),
         candidate_clip_score=float(candidate.mean()),
         reference_clip_score=float(reference.mean()),
         candidate_clip_s=float(clip_s(candidate).mean()),
         reference_clip_s=float(clip_s(reference).mean()),
-        mean_diff=mean_diff,
-        ci95=(low, high),
+        mean_diff=stats.diff,
+        ci95=stats.ci95,
         share_worse=float(np.mean(candidate - reference < -tolerance)),
         tolerance=float(tolerance),
         verdict=verdict(stats, max_drop=tolerance),

@@ -207,6 +207,12 @@ def vqa_accuracy_qwen_vl(prediction: str, answers: Sequence) -> float:
 OFFICIAL_ALIAS = "qwen_vl"
 vqa_accuracy_official = vqa_accuracy_qwen_vl
 
+
+def evaluator(normalizer: str) -> str:
+    """The reference evaluator a normalizer name computes (`official` is `qwen_vl`)."""
+    return OFFICIAL_ALIAS if normalizer == "official" else normalizer
+
+
 VQA_ACCURACY = {
     "evalai": vqa_accuracy_evalai,
     "vqaeval": vqa_accuracy_vqaeval,

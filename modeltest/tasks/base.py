@@ -169,6 +169,22 @@ def check_id(value, where: str, key: str = "question_id"):
     return value
 
 
+def add_unique_id(seen: dict, qid, where: str, label: str = "", fix: str = "keep one") -> str:
+    """Record `qid` in `seen` (str(id) -> (label, the id as written)) and return its text. Ids are
+    matched as text (predictions files, resumed samples), so 1000 and "1000" are one id: a repeat in
+    either form is an error at `where`, naming where the first one was (`label`) and how it was written."""
+    key = str(qid)
+    if key in seen:
+        first, other = seen[key]
+        at = f" (first in {first})" if first else ""
+        if type(other) is type(qid):
+            raise ModelTestError(f"{where}: question_id {qid!r} appears more than once{at}; {fix}")
+        raise ModelTestError(f"{where}: question_id {key} appears twice: as {other!r}{at} and as {qid!r}; ids are "
+                             f"matched as text, so {fix}")  # fmt: skip
+    seen[key] = (label, qid)
+    return key
+
+
 def loads_json(text: str, path, lineno: int | None = None):
     """json.loads that refuses a key twice in one object (json keeps the last one silently); JSONDecodeError
     and RecursionError pass through for the caller to place. `lineno`: the line `text` is (JSON lines)."""

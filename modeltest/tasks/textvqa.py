@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from ..errors import ModelTestError
-from .base import Sample, Task, check_id, json_type, read_json, read_jsonl_lines, show_json
+from .base import Sample, Task, add_unique_id, check_id, json_type, read_json, read_jsonl_lines, show_json
 
 ANNOTATIONS_SUFFIX = "_annotations.json"
 
@@ -47,17 +47,9 @@ class TextVQA(Task):
             rows = self._load_jsonl(path)
         if not rows:
             raise ModelTestError(f"{path}: the dataset is empty")
-        # ids are matched as text (predictions files, resumed samples), so 1000 and "1000" are one id
-        seen: dict[str, object] = {}
+        seen: dict = {}
         for row in rows:
-            key = str(row.id)
-            if key in seen:
-                if seen[key] == row.id and type(seen[key]) is type(row.id):
-                    raise ModelTestError(f"{path}: question_id {row.id!r} appears more than once; "
-                                         "ids must be unique")  # fmt: skip
-                raise ModelTestError(f"{path}: question_id {key} appears twice: as {seen[key]!r} and as "
-                                     f"{row.id!r}; ids must be unique")  # fmt: skip
-            seen[key] = row.id
+            add_unique_id(seen, row.id, str(path), fix="ids must be unique")
         return rows[:limit] if limit else rows
 
     # -- the seed's jsonl + annotations ---------------------------------------------------------
@@ -109,7 +101,7 @@ class TextVQA(Task):
             got = "no 'annotations' key" if "annotations" not in data else f"'annotations' is {json_type(entries)}"
             raise ModelTestError(f"{ann_path}: expected {shape}; {got}")
         out: dict[str, list] = {}
-        first: dict[str, tuple[int, object]] = {}
+        first: dict = {}
         for i, entry in enumerate(entries):
             where = f"{ann_path}: annotations[{i}]"
             if not isinstance(entry, dict):
@@ -124,13 +116,7 @@ class TextVQA(Task):
                 if not isinstance(text, str):
                     raise ModelTestError(f'{where}: each answer must be text or {{"answer": text}}, '
                                          f"got {show_json(a)}")  # fmt: skip
-            key = str(qid)
-            if key in first:
-                j, other = first[key]
-                both = f"as {other!r} and as {qid!r}" if type(other) is not type(qid) else f"in annotations[{j}] too"
-                raise ModelTestError(f"{where}: question_id {key} appears twice: {both}; keep one")
-            first[key] = (i, qid)
-            out[key] = answers
+            out[add_unique_id(first, qid, where, f"annotations[{i}]")] = answers
         return out
 
     # -- a datasets folder -----------------------------------------------------------------------
