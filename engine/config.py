@@ -103,6 +103,7 @@ class EngineArgs:
     memory_fraction: float | None = None  # else NPU_MEMORY_FRACTION, else 0.9
     reserved_memory_gb: float | None = None  # else RESERVED_MEMORY_GB, else 0
     warmup: bool | None = None
+    warmup_images: list[str] | None = None  # the warm-up's images (the seed's warm_up_image_path); None: blank
     image_cache_gb: float = 0.5
     enable_prefix_caching: bool = True
     attention_backend: str | None = None

@@ -50,7 +50,7 @@ def kv_budget(info: MemoryInfo, peak: int, fraction: float, reserved_gb: float) 
 
 
 def size_kv_cache(c: EngineConfig, family: ModelFamily, model: CausalLM, warmup: bool | None,
-                  parallel: ParallelContext | None = None) -> int:  # fmt: skip
+                  parallel: ParallelContext | None = None, images: list | None = None) -> int:  # fmt: skip
     """Blocks for the KV cache (see the module's docstring); under tensor parallelism the fewest any
     rank of the group has room for, so all ranks hold the same blocks."""
     per_block = ModelRunner.kv_bytes_per_block(family.spec, c.block_size, c.dtype)
@@ -58,7 +58,7 @@ def size_kv_cache(c: EngineConfig, family: ModelFamily, model: CausalLM, warmup:
     info = memory_info(c.device)
     if warmup is None:
         warmup = info is not None and c.num_blocks is None and c.kv_cache_memory_gb is None
-    peak = profile_run(c, family, model) if warmup else None
+    peak = profile_run(c, family, model, images) if warmup else None
     if c.num_blocks is not None:
         num, why = c.num_blocks, "num_blocks"
     else:
@@ -96,10 +96,11 @@ def size_kv_cache(c: EngineConfig, family: ModelFamily, model: CausalLM, warmup:
 
 
 @torch.inference_mode()
-def profile_run(c: EngineConfig, family: ModelFamily, model: CausalLM) -> int | None:
+def profile_run(c: EngineConfig, family: ModelFamily, model: CausalLM, images: list | None = None) -> int | None:
     """The seed's warm-up: one prefill step as large as the scheduler can build (max_prefill_tokens
-    tokens over up to max_batch_size sequences, each long enough starting with a blank image of the
-    largest size, all images through the vision tower at once) on a throwaway KV cache. Returns the
+    tokens over up to max_batch_size sequences, each long enough starting with an image of the
+    largest size — `images` in turn (EngineArgs.warmup_images, the seed's warm_up_image_path), else a
+    blank one — all images through the vision tower at once) on a throwaway KV cache. Returns the
     device's peak bytes in use (weights + activations, the throwaway cache excluded); None on cpu."""
     total = min(c.max_prefill_tokens, c.max_batch_size * c.max_model_len)
     span = family.warmup_tokens_per_image
@@ -107,7 +108,7 @@ def profile_run(c: EngineConfig, family: ModelFamily, model: CausalLM) -> int | 
     lengths = [total // n + (i < total % n) for i in range(n)]
     seqs = []
     for i, length in enumerate(lengths):
-        prompt = family.warmup_prompt(length, i)
+        prompt = family.warmup_prompt(length, i, images[i % len(images)] if images else None)
         seqs.append(Sequence(seq_id=-1 - i, request_id=f"warm-up-{i}", prompt="", prompt_token_ids=prompt.token_ids,
                              params=SamplingParams(max_tokens=1), end_ids=frozenset(), images=prompt.images,
                              state=family.request_state(length)[0]))  # fmt: skip

@@ -56,6 +56,10 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def prompt_token_ids(self, prompt) -> list[int]:
+        """The token ids one prompt (any form generate takes) runs as, without running it."""
+        return self.llm_engine.prompt_token_ids(prompt)
+
     @property
     def model(self):
         return self.llm_engine.model

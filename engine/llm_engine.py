@@ -106,13 +106,14 @@ class LLMEngine:
             raise EngineError(f"max_model_len {max_model_len} is beyond {limit}, {spec.limit_reason}")
         self.config = c = args.engine_config(device, spec.checkpoint_dtype, max_model_len)
         self.tokenizer = family.tokenizer
+        warmup_images = [family.warmup_image(p) for p in args.warmup_images or []]  # read before the weights
         with torch.device("meta"):
             self.model = family.build_model(self.parallel)
         progress = args.progress and self.parallel.tp_rank == 0
         load_weights(self.model, model_path, c.dtype, device, family.checkpoint_name, progress=progress)
         self.model.eval()
 
-        c.num_blocks = size_kv_cache(c, family, self.model, args.warmup, self.parallel)
+        c.num_blocks = size_kv_cache(c, family, self.model, args.warmup, self.parallel, warmup_images)
         self.block_manager = BlockManager(c.num_blocks, c.block_size, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, c.max_batch_size, c.max_prefill_tokens)
         self.runner = ModelRunner(self.model, spec, self.block_manager, c.dtype, device, c.attention_backend,
@@ -127,6 +128,10 @@ class LLMEngine:
 
     def get_tokenizer(self):
         return self.tokenizer
+
+    def prompt_token_ids(self, prompt) -> list[int]:
+        """The token ids `prompt` runs as (image spans included; no image is read): its input length."""
+        return list(self.family.process_prompt(prompt).token_ids)
 
     # ---- requests -------------------------------------------------------------------------------
 

@@ -562,6 +562,30 @@ def test_warm_up_sizes_the_cache_from_device_memory(qwen_vl_ckpt, monkeypatch, c
     assert len(out.token_ids) == 3
 
 
+def test_the_warm_up_uses_the_given_images(qwen_vl_ckpt, photo_dir, monkeypatch):
+    """warmup_images (the seed's warm_up_image_path): the warm-up's sequences take them in turn, as a
+    request's image would be prepared; one that cannot be read fails before any weight loads."""
+    import engine.llm_engine as engine_mod
+    from engine.models.qwen_vl.language import QwenVLForCausalLM
+    from engine.models.qwen_vl.processor import normalize, resize
+
+    photos = sorted(photo_dir.iterdir())[:2]
+    seen = []
+    model_encode = QwenVLForCausalLM.encode_images
+    monkeypatch.setattr(QwenVLForCausalLM, "encode_images", lambda self, px: seen.append(px.clone()) or model_encode(self, px))
+    load(qwen_vl_ckpt, num_blocks=None, warmup=True, max_batch_size=3, max_model_len=512, max_prefill_tokens=900,
+         warmup_images=[str(p) for p in photos])  # fmt: skip
+    (px,) = seen
+    want = [normalize(resize(photos[i % 2], 448)) for i in range(3)]
+    assert px.shape[0] == 3 and all(torch.equal(px[i].cpu().float(), want[i]) for i in range(3))
+    seen.clear()
+    load(qwen_vl_ckpt, num_blocks=None, warmup=True, max_batch_size=1, max_model_len=512, max_prefill_tokens=300)
+    assert seen[0].unique().numel() == 3  # no images given: a blank one (one value per channel)
+    monkeypatch.setattr(engine_mod, "load_weights", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(EngineError, match="image not found: .*nowhere.png"):
+        load(qwen_vl_ckpt, warmup_images=[str(photo_dir / "nowhere.png")])
+
+
 def test_memory_knobs_are_checked(qwen_vl_ckpt, monkeypatch):
     monkeypatch.setenv("NPU_MEMORY_FRACTION", "most")
     with pytest.raises(EngineError, match=r"NPU_MEMORY_FRACTION='most' is not a number"):

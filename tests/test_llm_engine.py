@@ -253,3 +253,25 @@ def test_the_applications_log_format_is_kept(monkeypatch):
     monkeypatch.setattr(le.logger, "handlers", [mine])
     le._default_logging(" (rank 1)")
     assert le.logger.handlers == [mine] and mine.formatter is fmt
+
+
+def test_prompt_token_ids_are_what_generate_runs(qwen_vl_llm, photo_dir):
+    """LLM.prompt_token_ids (the harness's input length) equals the ids generate runs, for each prompt
+    form; parts or chat messages under "prompt" take multi_modal_data's images in their spans."""
+    from PIL import Image
+
+    photo = sorted(photo_dir.iterdir())[0]
+    chat = [{"role": "user", "content": [{"image": "label"}, {"text": "What is it?"}]}]
+    prompts = [
+        f"<img>{photo}</img>What is it? Answer:",
+        [{"image": str(photo)}, {"text": "What is it?"}],
+        {"prompt": chat, "multi_modal_data": {"image": [Image.open(photo)]}},
+        {"prompt": [{"image": "label"}, {"text": "What is it?"}], "multi_modal_data": {"image": str(photo)}},
+    ]
+    outs = qwen_vl_llm.generate(prompts, SamplingParams(max_tokens=3), use_tqdm=False)
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert qwen_vl_llm.prompt_token_ids(prompt) == out.prompt_token_ids
+    direct = qwen_vl_llm.generate([[{"role": "user", "content": [{"image": str(photo)}, {"text": "What is it?"}]}]],
+                                  SamplingParams(max_tokens=3), use_tqdm=False)[0]  # fmt: skip
+    assert outs[2].token_ids == direct.token_ids and outs[2].prompt.startswith("<|im_start|>system")
+    assert outs[3].token_ids == outs[1].token_ids  # the span's label is not what the model sees

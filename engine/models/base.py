@@ -166,9 +166,15 @@ class ModelFamily(ABC):
         its prefix-cache keys, so blocks computed under another state are never shared."""
 
     @abstractmethod
-    def warmup_prompt(self, num_tokens: int, index: int) -> ProcessedPrompt:
-        """A prompt of exactly num_tokens ids for the warm-up step, starting with a blank image of
-        the largest size when it fits (index tells prompts apart)."""
+    def warmup_prompt(self, num_tokens: int, index: int, image=None) -> ProcessedPrompt:
+        """A prompt of exactly num_tokens ids for the warm-up step, starting with an image of the
+        largest size when it fits: `image` (from `warmup_image`), else a blank one (index tells
+        prompts apart)."""
+
+    @abstractmethod
+    def warmup_image(self, source):
+        """A warm-up image (a path or PIL image) read and prepared as a request's would be, before any
+        weight loads (EngineError if it cannot be read)."""
 
 
 def read_config(model_path: Path) -> tuple[dict, Path]:

@@ -93,9 +93,14 @@ class QwenVLFamily(ModelFamily):
     def warmup_tokens_per_image(self) -> int:  # type: ignore[override]
         return len(self._warmup[0])
 
-    def warmup_prompt(self, num_tokens: int, index: int) -> ProcessedPrompt:
+    def warmup_image(self, source):
+        from .processor import resize
+
+        return resize(source, self.config.visual.image_size)
+
+    def warmup_prompt(self, num_tokens: int, index: int, image=None) -> ProcessedPrompt:
         span, filler, blank = self._warmup
         if num_tokens < len(span):
             return ProcessedPrompt("", filler * num_tokens)
-        image = ImageSpan(1, IMG_SPAN, key=f"warm-up-{index}", data=blank)
+        image = ImageSpan(1, IMG_SPAN, key=f"warm-up-{index}", data=blank if image is None else image)
         return ProcessedPrompt("", span + filler * (num_tokens - len(span)), [image])

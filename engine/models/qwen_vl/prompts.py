@@ -7,7 +7,8 @@
     user turn, rendered in ChatML by the original `make_context` (default system prompt, history
     dropped oldest-first beyond max_window_size); generation stops on <|im_end|> / <|im_start|>;
 (d) vLLM's `{"prompt": str, "multi_modal_data": {"image": image | [images]}}`: the prompt's
-    `<img>...</img>` spans take the given images (paths or PIL) in order;
+    `<img>...</img>` spans take the given images (paths or PIL) in order; "prompt" may also be (b) or
+    (c), whose image parts then only label the spans;
 (e) vLLM's `{"prompt_token_ids": [...]}` (optionally with multi_modal_data): ids as the tokenizer
     makes them, image spans included (<img>, 256 slots holding the path's bytes then <imgpad>, </img>).
 """
@@ -128,10 +129,15 @@ def render_prompt(tokenizer: QwenVLTokenizer, prompt) -> RenderedPrompt:
         elif isinstance(prompt.get("prompt"), str):
             text = prompt["prompt"]
             ids = tokenizer.encode(text)
+        elif isinstance(prompt.get("prompt"), list):  # parts or chat messages whose spans take the given images
+            inner = render_prompt(tokenizer, prompt["prompt"])
+            if not (prompt.get("multi_modal_data") or {}).get("image"):
+                return inner
+            text, ids, is_chat = inner.text, inner.token_ids, inner.is_chat
         else:
             raise EngineError(
-                "a dict prompt needs 'prompt' (a string) or 'prompt_token_ids' (a list of ids), and optionally "
-                "'multi_modal_data'"
+                "a dict prompt needs 'prompt' (a string, a list of parts or chat messages) or 'prompt_token_ids' "
+                "(a list of ids), and optionally 'multi_modal_data'"
             )
         data = prompt.get("multi_modal_data") or {}
         unknown = set(data) - {"image"}
