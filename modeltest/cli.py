@@ -10,11 +10,31 @@ import sys
 
 from .errors import EXIT_BAD_INPUT, EXIT_TOO_MANY_ERRORS, ModelTestError
 
+# main() dispatches these on the first argument, before this parser sees it, so argparse cannot list
+# them: the help says so itself.
+EPILOG = """\
+commands (each has its own --help):
+  modeltest selftest    check that this install works end to end: a tiny random model on CPU, nothing
+                        downloaded
+  modeltest compare     is a candidate run as accurate as its baseline? (PASS/FAIL verdict)
+  modeltest history     list, plot or report the runs recorded in a --history database
+
+exit codes:
+  0    done
+  2    bad input or usage (an error line on stderr, no traceback)
+  3    more samples failed than --max_error_rate allows (everything is still written)
+  130  interrupted (rerun the same command to resume)
+  under torchrun also 143 (stopped: another process failed) and 1 (a peer process is gone)"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="modeltest",
+        usage="modeltest --task_config_path TASK (--model_config_path MODEL | --predictions FILE) [options]\n"
+        "       modeltest {selftest,compare,history} ...",
         description="Evaluate a vision-language model on a task, or score predictions made elsewhere.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the epilog's lines
     )
     p.add_argument("--model_config_path", help="model YAML (configs/model/*.yaml); not needed with --predictions")
     p.add_argument("--task_config_path", required=True, help="task YAML (configs/task/*.yaml)")
@@ -31,14 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the random draw of --limit samples, where a task draws (default 0)")
     p.add_argument("--backend", choices=["engine", "hf"], help="override the model config's backend")
     p.add_argument("--device", help="cpu, cuda[:i] or npu[:i] (default: npu, else cuda, else cpu)")
-    p.add_argument("--tp", type=int, help="tensor-parallel size: processes that run one copy of the model "
-                   "(default: torchrun's WORLD_SIZE / --dp, all of them without --dp)")  # fmt: skip
+    p.add_argument("--tp", type=int, help="tensor-parallel size: processes that run one copy of the model. Above "
+                   "1 only under torchrun (bash scripts/mm_run.sh starts it; tp x dp = its processes) and only with "
+                   "the engine backend (hf: use --dp); tp must divide the model's attention heads, vocabulary and MLP "
+                   "width. Default: WORLD_SIZE / --dp, all processes without --dp. See README, 'Several "
+                   "processes'")  # fmt: skip
     p.add_argument("--dp", type=int, help="data-parallel size: copies of the model the samples are shared "
                    "among (default: WORLD_SIZE / --tp)")  # fmt: skip
     p.add_argument("--check_only", action="store_true", help="check the configs, dataset, model folder and "
                    "output folder, then exit (0: a run can start); loads and writes nothing")  # fmt: skip
-    p.add_argument("--predictions", help="score-only mode: JSONL or a JSON list of {question_id, answer}, a "
-                   "{question_id: answer} map, or a caption file ({image: caption})")  # fmt: skip
+    p.add_argument("--predictions", metavar="FILE", help="score-only mode: score answers made elsewhere, no "
+                   "model loaded. TextVQA: JSONL, one {\"question_id\": .., \"answer\": ..} per line; the JSON list "
+                   "of such records that Qwen-VL's evaluate_vqa.py writes; or a {question_id: answer} map. Captions "
+                   "(coco_caption): the seed's {image file name: caption} (*_coco_rst.json) or its older "
+                   "{\"image_file\": [...], \"model_answer\": [...]}")  # fmt: skip
     p.add_argument("--save_debug_enable", action="store_true", help="also write the seed's outputs_<time>.txt")
     p.add_argument("--history", default=os.environ.get("MODELTEST_HISTORY") or None,
                    help="record the finished run in this SQLite history (default: $MODELTEST_HISTORY)")  # fmt: skip

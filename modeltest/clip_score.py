@@ -45,11 +45,31 @@ class Entry:
         return strip_grounding(self.caption)
 
 
+SCRIPT = "modeltest-clip-score"  # the console script pyproject.toml's [project.scripts] installs
+EPILOG = """\
+exit codes:
+  0    scored (with --reference: verdict PASS)
+  1    --reference verdict FAIL: the mean drop is more than --tolerance
+  2    bad input or usage (an error line on stderr); with --strict also missing or unreadable images
+  130  interrupted"""
+
+
+def _prog() -> str:
+    """The name the user typed: the console script, or `python -m` (where argv[0] is this file's path,
+    which argparse would show as clip_score.py)."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if name.startswith(SCRIPT):  # modeltest-clip-score, or .exe / -script.py on Windows
+        return SCRIPT
+    return f"python -m modeltest.{PROG}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=f"python -m modeltest.{PROG}",
+        prog=_prog(),
         description="CLIP score of captions against their images (open_clip), optionally compared "
         "with a reference caption file (paired bootstrap, PASS/FAIL verdict).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the epilog's lines
     )
     p.add_argument(
         "--image_info",

@@ -254,7 +254,11 @@ def _num(value, fmt: str = ".4f") -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="modeltest history", description="The runs recorded in a history database.")
+    p = argparse.ArgumentParser(prog="modeltest history", description="The runs recorded in a history database.",
+                                epilog="exit codes:\n  0    the runs were listed (and --plot / --html written)\n"
+                                "  2    bad input or usage: no or unreadable database, bad --last, an unwritable "
+                                "output (an error line on stderr)\n  130  interrupted",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # the epilog's lines  # fmt: skip
     p.add_argument("--db", default=default_db(), help="the SQLite file (default: $MODELTEST_HISTORY)")
     p.add_argument("--task")
     p.add_argument("--model")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -113,14 +115,51 @@ def _adapt_state_dict(model, state: dict) -> dict:
     return state
 
 
-def fit_state_dict(model, state: dict, model_name: str, path: str | Path) -> None:
-    """Load `state` into `model` strictly; anything that does not fit is one error naming the model and
-    the first missing, unexpected and shape-mismatched keys."""
+def _mismatches(model, state: dict) -> tuple[list[str], list[str], list[str]]:
+    """(shape mismatches as "key (file) vs (model)", missing keys, unexpected keys) of an adapted state."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
               for k, v in expected.items() if k in state and state[k].shape != v.shape]  # fmt: skip
+    return shapes, missing, unexpected
+
+
+def _meta_model(model_name: str):
+    """open_clip's model on the meta device: its parameters' names and shapes without memory or random
+    initialization (~0.1 s where building it for real takes seconds)."""
+    import warnings
+
+    import open_clip
+    import torch
+
+    quiet = _QuietRandomInit()
+    logging.getLogger().addFilter(quiet)
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            return open_clip.create_model(model_name, pretrained=None, device="meta")
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+def check_fit(model, state: dict, model_name: str, path: str | Path) -> dict:
+    """`state` (as read from the file) adapted to `model`, or, when it does not fit, one error: the
+    open_clip architectures it does fit when there are any (see `fitting_models`), else the closest ones
+    and the first missing, unexpected and shape-mismatched keys."""
+    adapted = _adapt_state_dict(model, dict(state))  # a copy: `state` stays as written for the search
+    shapes, missing, unexpected = _mismatches(model, adapted)
+    if not (shapes or missing or unexpected):
+        return adapted
+    fits, closest_ones, unchecked = fitting_models(state)
+    if fits:
+        names = " or ".join(repr(n) for n in fits)
+        total = len(set(model.state_dict()) | set(adapted))
+        bad = len(shapes) + len(missing) + len(unexpected)
+        how = (f"pass --model_name {fits[0]}" if len(fits) == 1 else
+               "pass --model_name with the one they were trained as (their tensors have the same shapes)")  # fmt: skip
+        raise ModelTestError(f"{path} does not fit open_clip model {model_name!r} ({bad} of {total} tensors "
+                             f"differ) but fits {names}: {how}")  # fmt: skip
     problems = []
     for what, keys in (
         ("shape mismatch (file vs model)", shapes),
@@ -130,12 +169,111 @@ def fit_state_dict(model, state: dict, model_name: str, path: str | Path) -> Non
         if keys:
             more = f", ... (+{len(keys) - _SHOWN_KEYS} more)" if len(keys) > _SHOWN_KEYS else ""
             problems.append(f"{len(keys)} {what}: {', '.join(keys[:_SHOWN_KEYS])}{more}")
-    if problems:
-        raise ModelTestError(
-            f"{path} does not fit open_clip model {model_name!r}: {'; '.join(problems)}. "
-            f"Check --model_name (the seed's {SEED_WEIGHTS} is {SEED_MODEL})"
-        )
-    model.load_state_dict(state, strict=True)
+    not_checked = f"; not checked in time: {', '.join(unchecked)}" if unchecked else ""
+    near = ", ".join(f"{n!r} ({share})" for n, share in closest_ones)
+    hint = f"no open_clip architecture fits them exactly (the closest: {near}{not_checked})" if near else (
+        f"no open_clip architecture fits them{not_checked}")  # fmt: skip
+    raise ModelTestError(
+        f"{path} does not fit open_clip model {model_name!r}: {'; '.join(problems)}; {hint}. Pass "
+        f"--model_name with the architecture the weights were saved from (the seed's {SEED_WEIGHTS} is {SEED_MODEL})"
+    )
+
+
+def fit_state_dict(model, state: dict, model_name: str, path: str | Path) -> None:
+    """Load `state` (as read from the file) into `model` strictly; see `check_fit` for the error."""
+    model.load_state_dict(check_fit(model, state, model_name, path), strict=True)
+
+
+# ---------------------------------------------------------------- which architecture fits
+
+
+_FIT_SEARCH_S = 3.0  # candidate models built (on the meta device) to check a fit, within this much time
+_CLOSEST = 3
+
+
+def _block_count(keys, prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for k in keys if (m := pattern.match(k))})
+
+
+def _plausible(cfg: dict, shapes: dict[str, tuple], dims: set[int], counts: dict[str, int]) -> list[bool] | None:
+    """Necessary conditions for `cfg` to build a model these tensor shapes fit, read from the config alone
+    (building a model costs up to a second even on the meta device; open_clip has ~150). None: the
+    architecture cannot be checked here (a Hugging Face text tower would need the Hub)."""
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    text, vision = cfg.get("text_cfg") or {}, cfg.get("vision_cfg") or {}
+    if text.get("hf_model_name"):
+        return None
+    try:
+        t, v = CLIPTextCfg(**text), CLIPVisionCfg(**vision)
+    except TypeError:  # a config with fields this open_clip's dataclasses lack: only the exact check can say
+        return []
+    kind = "timm" if v.timm_model_name else ("vit" if isinstance(v.layers, int) else "resnet")
+    checks = [cfg.get("embed_dim") in dims, kind == counts["vision_kind"]]
+    if kind == "vit":
+        conv = shapes.get("visual.conv1.weight")
+        if conv is not None and len(conv) == 4:
+            checks.append((conv[0], conv[-1]) == (v.width, v.patch_size))
+        checks.append(counts["vision_blocks"] == v.layers)
+    token = shapes.get("token_embedding.weight") or shapes.get("text.token_embedding.weight")
+    if token is not None:
+        checks.append(tuple(token) == (t.vocab_size, t.width))
+    position = shapes.get("positional_embedding") or shapes.get("text.positional_embedding")
+    if position is not None and len(position) == 2:
+        checks.append(position[0] - t.context_length in (0, 1))  # CoCa adds a class token: context + 1
+    if counts["text_blocks"]:
+        checks.append(counts["text_blocks"] == t.layers)
+    return checks
+
+
+def fitting_models(state: dict, budget_s: float = _FIT_SEARCH_S):
+    """The open_clip architectures whose state dict `state` loads into exactly: (their names; when none,
+    the closest as (name, "k/n tensors fit"); the candidates left unchecked when the time ran out).
+
+    Configs are first screened by the sizes they imply (embedding width, text width, vocabulary and
+    context, patch size, block counts, tower kinds); the few that pass (when none does, the few that
+    fail the fewest conditions) are built on the meta device and compared key by key, with open_clip's
+    own renames applied."""
+    import open_clip
+
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    keys = list(shapes)
+    counts = {
+        "vision_kind": "timm" if any(k.startswith("visual.trunk.") for k in keys)
+        else "resnet" if any(k.startswith("visual.layer1.") for k in keys) else "vit",
+        "vision_blocks": _block_count(keys, "visual.transformer.resblocks."),
+        "text_blocks": _block_count(keys, "transformer.resblocks.") or _block_count(keys, "text.transformer.resblocks."),
+    }  # fmt: skip
+    dims = {d for shape in shapes.values() for d in shape}
+    screened = []
+    for name in open_clip.list_models():
+        checks = _plausible(open_clip.get_model_config(name) or {}, shapes, dims, counts)
+        if checks is not None:
+            screened.append((sum(checks) / max(len(checks), 1), all(checks), name))
+    candidates = [name for _, ok, name in screened if ok]
+    if not candidates:
+        candidates = [name for *_, name in sorted(screened, key=lambda x: (-x[0], x[2]))[:_CLOSEST]]
+    fits, near, unchecked = [], [], []
+    started = time.perf_counter()
+    for i, name in enumerate(candidates):
+        if time.perf_counter() - started >= budget_s:
+            unchecked = candidates[i:]
+            break
+        try:
+            model = _meta_model(name)
+        except Exception:  # a config this open_clip cannot build offline is no candidate
+            continue
+        adapted = _adapt_state_dict(model, dict(state))
+        expected = model.state_dict()
+        matched = sum(1 for k, v in expected.items() if k in adapted and tuple(adapted[k].shape) == tuple(v.shape))
+        total = len(set(expected) | set(adapted))
+        if matched == total:
+            fits.append(name)
+        else:
+            near.append((matched / total, name, f"{matched}/{total} tensors fit"))
+    near.sort(key=lambda x: (-x[0], x[1]))
+    return fits, [] if fits else [(name, share) for _, name, share in near[:_CLOSEST]], unchecked
 
 
 def check_model_name(model_name: str) -> None:
@@ -189,6 +327,8 @@ class ClipScorer:
         state = (
             load_weights_file(weights) if weights is not None else None
         )  # a bad file fails before the model
+        if state is not None:  # on the meta device first: weights that do not fit fail in seconds, not minutes
+            check_fit(_meta_model(model_name), state, model_name, weights)
         quiet = _QuietRandomInit()
         logging.getLogger().addFilter(quiet)
         try:
@@ -199,7 +339,7 @@ class ClipScorer:
         finally:
             logging.getLogger().removeFilter(quiet)
         if state is not None:
-            fit_state_dict(model, _adapt_state_dict(model, state), model_name, weights)
+            fit_state_dict(model, state, model_name, weights)
             del state
         self.model = model.eval()
         self.preprocess = preprocess
