@@ -1,5 +1,12 @@
 """Shared fixtures: real photos (scikit-image), TextVQA data in the seed's on-disk layout, and a
-tiny random Qwen2-VL saved the way transformers saves real checkpoints (nothing downloaded)."""
+tiny random Qwen2-VL saved the way transformers saves real checkpoints (nothing downloaded).
+
+Disk: the tiny checkpoints are small in layers but carry Qwen-VL's real 151,936-token vocabulary
+(157 MB and 318 MB), the CLIP weights are 0.5 GB, and pytest keeps the temporary folders of the last
+three sessions. So every checkpoint and weights file is made once per session here (tests that need a
+changed copy write it into their tmp_path), removed when the session ends, and the big files a test
+leaves in its tmp_path are removed when it passes (remove_big_files; a failed test keeps them).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+BIG_FILE = 1 << 20  # checkpoints, weights, logits; the configs, CSVs and samples a test writes stay for a look
 REPO = Path(__file__).resolve().parent.parent
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera"]
 
@@ -175,7 +183,9 @@ def qwen_vl_ckpt(tmp_path_factory) -> Path:
     """hidden 128, 2 layers, 4 heads; vision width 64, 2 layers; fp32; two safetensors shards + index."""
     from engine.models.qwen_vl.random_checkpoint import tiny_config, write_random_checkpoint
 
-    return write_random_checkpoint(tmp_path_factory.mktemp("qwen_vl") / "tiny-qwen-vl", tiny_config(), seed=0)
+    folder = tmp_path_factory.mktemp("qwen_vl")
+    yield write_random_checkpoint(folder / "tiny-qwen-vl", tiny_config(), seed=0)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -185,7 +195,9 @@ def qwen_vl_ckpt_short(tmp_path_factory) -> Path:
     from engine.models.qwen_vl.random_checkpoint import tiny_config, write_random_checkpoint
 
     cfg = tiny_config(hidden_size=256, seq_length=32, visual_width=256, visual_layers=1)
-    return write_random_checkpoint(tmp_path_factory.mktemp("qwen_vl") / "tiny-qwen-vl-short", cfg, seed=1, fmt="bin", shards=1)
+    folder = tmp_path_factory.mktemp("qwen_vl")
+    yield write_random_checkpoint(folder / "tiny-qwen-vl-short", cfg, seed=1, fmt="bin", shards=1)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -195,6 +207,56 @@ def qwen_vl_llm(qwen_vl_ckpt):
 
     return LLM(qwen_vl_ckpt, dtype="float32", device="cpu", max_batch_size=8, max_model_len=4096,
                num_blocks=256, block_size=16, progress=False)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def clip_weights(tmp_path_factory) -> dict[str, Path]:
+    """open_clip's ViT-S-32 with random weights (seed 0), as a torch .bin and as .safetensors: one copy
+    for every module that scores captions (test_clip_score, test_compare, test_nightly)."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    out = tmp_path_factory.mktemp("clip_weights")
+    torch.manual_seed(0)
+    state = open_clip.create_model("ViT-S-32").state_dict()
+    torch.save(state, out / "open_clip_pytorch_model.bin")
+    save_file({k: v.contiguous() for k, v in state.items()}, out / "open_clip_model.safetensors")
+    yield {"bin": out / "open_clip_pytorch_model.bin", "safetensors": out / "open_clip_model.safetensors"}
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def remove_big_files(root: Path) -> None:
+    """Delete the files of BIG_FILE bytes or more below `root` (symbolic links are neither followed nor
+    removed; a hard link to a shared file only loses this name)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = Path(folder, name)
+            try:
+                if not path.is_symlink() and path.stat().st_size >= BIG_FILE:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+_PASSED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.when == "call":
+        item.stash[_PASSED] = report.passed
+
+
+@pytest.fixture(autouse=True)
+def _drop_big_files(request):
+    """After a test that passed: the checkpoints, weights and logits it wrote into its tmp_path go (a
+    changed checkpoint copy is 77-490 MB); a failed test keeps everything for a look."""
+    yield
+    tmp = request.node.funcargs.get("tmp_path")
+    if tmp is not None and request.node.stash.get(_PASSED, False):
+        remove_big_files(tmp)
 
 
 @pytest.fixture(scope="module")

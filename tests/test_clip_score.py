@@ -37,18 +37,9 @@ CAPTIONS = {
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> dict[str, Path]:
-    """ViT-S-32 with random weights, as a torch .bin and as .safetensors."""
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
-
-    out = tmp_path_factory.mktemp("clip_weights")
-    torch.manual_seed(0)
-    state = open_clip.create_model(MODEL).state_dict()
-    torch.save(state, out / "open_clip_pytorch_model.bin")
-    save_file({k: v.contiguous() for k, v in state.items()}, out / "open_clip_model.safetensors")
-    return {"bin": out / "open_clip_pytorch_model.bin", "safetensors": out / "open_clip_model.safetensors"}
+def weights(clip_weights) -> dict[str, Path]:
+    """ViT-S-32 (MODEL) with random weights, as a torch .bin and as .safetensors: conftest's one copy."""
+    return clip_weights
 
 
 @pytest.fixture(scope="module")
@@ -351,19 +342,24 @@ def test_weights_that_do_not_fit_the_architecture(tmp_path, photo_dir, weights, 
     captions = write_json(tmp_path / "caps.json", CAPTIONS)
     assert run_cli(captions, photo_dir, weights["bin"], model="ViT-B-32") == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "'ViT-B-32'" in line and "shape mismatch" in line
-    assert "positional_embedding (77, 384) vs (77, 512)" in line  # the first mismatching key, both shapes
+    # the architecture the weights do fit, not hundreds of mismatching keys
+    assert "does not fit open_clip model 'ViT-B-32'" in line and "shape mismatch" not in line
+    assert line.endswith("but fits 'ViT-S-32': pass --model_name ViT-S-32")
 
+    # no architecture fits: the keys that do not, and the closest architecture with how close it is
     state = torch.load(weights["bin"], weights_only=True)
     state["visual.extra.weight"] = state.pop("ln_final.weight")
     torch.save(state, tmp_path / "renamed.bin")
+    assert run_cli(captions, photo_dir, tmp_path / "renamed.bin", model="ViT-B-32") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "'ViT-B-32'" in line and "shape mismatch" in line
+    assert "positional_embedding (77, 384) vs (77, 512)" in line  # the first mismatching key, both shapes
+    assert "1 missing: ln_final.weight" in line and "1 unexpected: visual.extra.weight" in line
+    n = len(state) + 1  # the file's tensors and ViT-S-32's ln_final.weight
+    assert f"no open_clip architecture fits them exactly (the closest: 'ViT-S-32' ({n - 2}/{n} tensors fit)" in line
     assert run_cli(captions, photo_dir, tmp_path / "renamed.bin") == 2
     line = one_error_line(capsys.readouterr().err)
-    assert (
-        "'ViT-S-32'" in line
-        and "1 missing: ln_final.weight" in line
-        and "1 unexpected: visual.extra.weight" in line
-    )
+    assert "does not fit open_clip model 'ViT-S-32': 1 missing: ln_final.weight; 1 unexpected: visual.extra.weight" in line
 
     import argparse
 
@@ -371,6 +367,47 @@ def test_weights_that_do_not_fit_the_architecture(tmp_path, photo_dir, weights, 
     torch.save({"args": argparse.Namespace(lr=0.1), "state_dict": state}, tmp_path / "pickled.bin")
     assert run_cli(captions, photo_dir, tmp_path / "pickled.bin") == 2
     assert "pickled.bin: cannot read weights" in one_error_line(capsys.readouterr().err)
+
+
+def test_default_model_name_names_the_architecture_the_weights_fit(tmp_path, photo_dir, weights, capsys,
+                                                                   monkeypatch):
+    """The seed's default --model_name ViT-H-14 with other weights: one line that says which architecture
+    they fit, found before the real ViT-H-14 (seconds to build on a CPU) is ever built."""
+    import open_clip
+
+    def never(*args, **kwargs):
+        raise AssertionError("the full model was built for weights that do not fit it")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", never)
+    captions = write_json(tmp_path / "caps.json", CAPTIONS)
+    argv = ["--image_info", str(captions), "--dataset_path", str(photo_dir), "--model_weights_path",
+            str(weights["safetensors"]), "--device", "cpu", "--no_progress"]  # fmt: skip
+    assert main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "does not fit open_clip model 'ViT-H-14'" in line
+    assert line.endswith("but fits 'ViT-S-32': pass --model_name ViT-S-32")
+
+
+def test_fitting_models_is_exact_and_bounded():
+    """Twins whose tensors have the same shapes are both named; other sizes of the same family are not;
+    the search stops at its time budget and says what it left unchecked."""
+    import time
+
+    from modeltest.errors import ModelTestError
+    from modeltest.metrics.clip import _meta_model, check_fit, fitting_models
+
+    state = _meta_model("ViT-B-32").state_dict()  # shapes only: no memory, no initialization
+    started = time.perf_counter()
+    fits, closest_ones, unchecked = fitting_models(state)
+    assert time.perf_counter() - started < 30  # a few seconds at most; generous for a busy CI machine
+    assert fits == ["ViT-B-32", "ViT-B-32-quickgelu"] and closest_ones == [] and unchecked == []
+    with pytest.raises(ModelTestError) as err:
+        check_fit(_meta_model(MODEL), state, MODEL, "w.bin")
+    assert "but fits 'ViT-B-32' or 'ViT-B-32-quickgelu': pass --model_name with the one they were trained as" in str(
+        err.value
+    )
+    fits, closest_ones, unchecked = fitting_models(state, budget_s=0.0)
+    assert fits == [] and "ViT-B-32" in unchecked
 
 
 def _write(tmp_path, name, text):

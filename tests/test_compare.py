@@ -217,18 +217,18 @@ def test_official_and_qwen_vl_are_one_evaluator(runs, tmp_path):
 
 # ---- CLIP scores ------------------------------------------------------------------------------------
 
-from test_clip_score import CAPTIONS, run_cli, weights  # noqa: E402, F401
+from test_clip_score import CAPTIONS, run_cli  # noqa: E402
 
 
-def test_clip_scores_compare_like_any_run(weights, photo_dir, tmp_path):  # noqa: F811
+def test_clip_scores_compare_like_any_run(clip_weights, photo_dir, tmp_path):
     ref = tmp_path / "gpu_coco_rst.json"
     ref.write_text(json.dumps(CAPTIONS))
     worse = dict(CAPTIONS, **{"coffee.png": "a rocket", "astronaut.jpg": "a cup"})
     cand = tmp_path / "npu_coco_rst.json"
     cand.write_text(json.dumps(worse))
     for path in (ref, cand):
-        assert run_cli(path, photo_dir, weights["bin"]) == 0
-    gated = run_cli(cand, photo_dir, weights["bin"], "--reference", str(ref), "--tolerance", "0.0")
+        assert run_cli(path, photo_dir, clip_weights["bin"]) == 0
+    gated = run_cli(cand, photo_dir, clip_weights["bin"], "--reference", str(ref), "--tolerance", "0.0")
     summary = json.loads((tmp_path / "npu_coco_rst_clip_score.json").read_text())
     code, result = _compare(tmp_path / "gpu_coco_rst_clip_score.json", tmp_path / "npu_coco_rst_clip_score.json",
                             "--max_drop", "0.0", "--output", tmp_path / "cmp")  # fmt: skip

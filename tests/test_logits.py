@@ -24,7 +24,7 @@ from modeltest.cli import main
 from modeltest.compare import logits_rule
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import make_textvqa  # noqa: E402
+from conftest import make_textvqa, remove_big_files  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,8 @@ def runs(qwen_vl_ckpt, photo_dir, tmp_path_factory):
         out[name] = root / name
         assert main(["--model_config_path", str(model), "--task_config_path", str(task), "--device", "cpu",
                      "--no_progress", "--output_dir", str(out[name])]) in (0, 3)  # fmt: skip
-    return out, task
+    yield out, task
+    remove_big_files(root)  # the kept distributions: 3.6 MB a sample
 
 
 def _records(out: Path) -> tuple[Path, dict]:

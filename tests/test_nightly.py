@@ -24,7 +24,6 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_textvqa  # noqa: E402
 from test_clip_score import MODEL as CLIP_MODEL  # noqa: E402
-from test_clip_score import weights  # noqa: E402, F401
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,7 +42,7 @@ def _nightly(**env) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def setup(qwen_vl_ckpt, photo_dir, weights, tmp_path_factory):  # noqa: F811
+def setup(qwen_vl_ckpt, photo_dir, clip_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("nightly")
     models = {}
     for dtype in ("fp32", "bf16"):
@@ -74,7 +73,7 @@ def setup(qwen_vl_ckpt, photo_dir, weights, tmp_path_factory):  # noqa: F811
     assert main([*args, "--task_config_path", str(REPO / "configs/task/coco_caption.yaml"), "--dataset_path",
                  str(images), "--output_dir", str(probe / "c")]) == 0  # fmt: skip
     reference = next((probe / "c").rglob("*_coco_rst.json"))
-    common = dict(TEXTVQA_DATA=textvqa, COCO_IMAGES=images, CLIP_WEIGHTS=weights["bin"], CLIP_MODEL=CLIP_MODEL,
+    common = dict(TEXTVQA_DATA=textvqa, COCO_IMAGES=images, CLIP_WEIGHTS=clip_weights["bin"], CLIP_MODEL=CLIP_MODEL,
                   CLIP_REFERENCE=reference, OUT_ROOT=root / "nights", DEVICE="cpu")  # fmt: skip
     return models, common, root
 
