@@ -421,7 +421,11 @@ def _short(text, width: int = 40) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modeltest compare", description=__doc__.split("\n\n")[0],
-                                usage="modeltest compare [BASELINE] CANDIDATE [options]")  # fmt: skip
+                                usage="modeltest compare [BASELINE] CANDIDATE [options]",
+                                epilog="exit codes:\n  0    PASS\n  1    FAIL: a task dropped more than --max_drop "
+                                "(with --gate stat: significantly)\n  2    bad input or usage (an error line on "
+                                "stderr)\n  130  interrupted",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # the epilog's lines  # fmt: skip
     p.add_argument("runs", nargs="+", metavar="RUN",
                    help="BASELINE CANDIDATE (output folders or result JSONs); only CANDIDATE with --history or "
                         "--reference")  # fmt: skip
@@ -478,8 +482,10 @@ def compare_reference(reference: str | Path, candidate: Path, opts: Options) -> 
     for run in load_runs(candidate).values():
         ref = references.match(refs, run.summary)
         if ref is None:
-            want = ", ".join(f"{k} {v!r}" for k, v in references.describe(run.summary).items())
-            raise ModelTestError(f"{reference}: no reference for this run ({want}); entries: "
+            described = references.describe(run.summary)
+            want = ", ".join(f"{k} {v!r}" for k, v in described.items())
+            why = "" if described["dtype"] else " (score-only: the predictions name no dtype, so one entry must match without it)"
+            raise ModelTestError(f"{reference}: no reference for this run ({want}){why}; entries: "
                                  + "; ".join(f"{r.task}/{r.metric}/{r.evaluator}/{r.dtype}" for r in refs))  # fmt: skip
         gated = references.gate(ref, run.summary["value"], run.summary["stderr"], opts.alpha)  # as the run printed it
         tasks.append({"task": run.task, "metric": run.metric, "baseline": ref.score, "n": len(run.records),

@@ -95,6 +95,7 @@ class TaskConfig:
     image_list: str | None = None  # coco_caption: image names, one a line, relative to the image folder
     annotations_path: str | None = None  # coco_caption: captions_val2014.json-style references (scoring only)
     hf_dataset_path: str | None = None
+    hf_dataset_split: str | None = None  # with hf_dataset_path; None: the validation split
     om_dataset_path: str | None = None
     prompt: str | None = None
     shots: int = 0
@@ -110,6 +111,8 @@ class TaskConfig:
         _positive(self, "requested_max_input_length", "requested_max_output_length")
         if self.shots != 0:
             raise ValueError("only zero-shot evaluation is supported (shots: 0)")
+        if self.task_type == "performance":
+            raise ValueError("task_type: performance (the seed's performance task) is not built yet; use precision")
 
 
 def _positive(obj, *names: str) -> None:
@@ -340,3 +343,69 @@ def _show(value) -> str:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys accepted and not acted on: never silently (a one-line notice each, when set)
+# ---------------------------------------------------------------------------------------------
+
+# The seed's keys this tool has no use for, accepted so its files load as written. Every other field
+# is read somewhere (tests/test_config.py checks that each field is read or listed here).
+IGNORED_KEYS = {
+    "requested_gpu_framework": "the seed's framework name; the backend is chosen by `backend` (engine|hf)",
+    "mm_model.path": "the seed's runner module; the backend is chosen by `backend` (engine|hf)",
+    "mm_model.classname": "the seed's runner class; the backend is chosen by `backend` (engine|hf)",
+    "mm_model.infer_params.shm_name_save_path": "the seed's shared-memory hand-off; no process here uses one",
+    "om_dataset_path": "the seed's OM-format dataset; use local_dataset_path or hf_dataset_path",
+}
+# Keys that only describe the run: kept with its configuration in the results JSON, which is their use.
+RECORDED_ONLY = {"metadata.version": "the task's version"}
+# Keys only some backends act on: (backend that ignores it, the default that counts as unset, why).
+ENGINE_ONLY = "the engine backend's setting"
+BACKEND_KEYS = {
+    "block_size": ("hf", 128, ENGINE_ONLY + " (paged KV cache block)"),
+    "max_position_embedding": ("hf", -1, ENGINE_ONLY + " (caps its max_model_len)"),
+    "mm_model.warm_up_image_path": ("hf", [], ENGINE_ONLY + " (its warm-up step)"),
+    "mm_model.infer_params.max_input_length": ("hf", None, ENGINE_ONLY + " (its max_model_len)"),
+    "mm_model.infer_params.max_batch_size": ("hf", None, ENGINE_ONLY + "; hf batches --batch_size requests"),
+    "mm_model.infer_params.max_prefill_tokens": ("hf", None, ENGINE_ONLY + " (its prefill budget)"),
+    "trust_remote_code": ("engine", False, "the engine never runs code from a model folder"),
+}
+
+
+def _get(cfg, dotted: str):
+    for name in dotted.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+def notices(model: ModelConfig | None, task: TaskConfig, backend: str) -> list[str]:
+    """One line for each key set in the configs that this run does not act on."""
+    out = []
+    for key, why in IGNORED_KEYS.items():
+        cfg = task if key == "om_dataset_path" else model
+        value = _get(cfg, key) if cfg is not None else None
+        if value not in (None, "", [], {}):
+            out.append(f"{key}: {value!r} is accepted for the seed's files and ignored: {why}")
+    if task.task_name == "coco_caption" and (task.hf_dataset_path or task.hf_dataset_split):
+        out.append("hf_dataset_path / hf_dataset_split: coco_caption reads a local image folder "
+                   "(local_dataset_path or --dataset_path); the hub source is TextVQA's")  # fmt: skip
+    if model is not None:
+        for key, (ignoring, default, why) in BACKEND_KEYS.items():
+            value = _get(model, key)
+            if backend == ignoring and value != default:
+                out.append(f"{key}: {value!r} is ignored on the {backend} backend: {why}")
+        mm = model.mm_model
+        if task.task_name == "coco_caption" and (mm.prompt_prefix or mm.prompt_suffix):
+            out.append("mm_model.prompt_prefix / prompt_suffix (VQA cues) do not apply to captions: the caption "
+                       "prompt is the task's own (prompt in the task config)")  # fmt: skip
+        if model.model_type == "fa":
+            out.append("model_type: 'fa' names the output files only: the engine always runs paged attention")
+        if backend == "hf" and not (model.use_chat_template or model.mm_model.infer_params.is_chat_model):
+            out.append("use_chat_template: false does not apply on the hf backend: it renders every prompt with "
+                       "the processor's chat template, the only generic way to place images")  # fmt: skip
+    elif task.requested_max_input_length is not None or task.need_truncate_input:
+        out.append("requested_max_input_length / need_truncate_input do not apply in score-only mode: the "
+                   "prompts were made elsewhere")  # fmt: skip
+    return out
+

@@ -7,6 +7,8 @@ Layout (the seed's, with a real CSV):
       samples.jsonl   one JSON object per sample, appended and flushed as it finishes
       run_config.json what the samples were made with (a changed config is refused on resume)
       outputs_<timestamp>.txt   with --save_debug_enable: [output, model input, e2e_time] per line
+Score-only mode (--predictions) names no device or dtype (score_only_paths):
+  <output_dir>/results/predictions/<task_type>_test/<task>/<predictions file stem>/<task>_result.csv
 """
 
 from __future__ import annotations
@@ -41,14 +43,37 @@ class RunPaths:
         return self.debug_dir / "run_config.json"
 
 
+SCORE_ONLY = "predictions"  # score-only mode's folder where a run has NPU/GPU/CPU
+
+
 def device_family(device: str) -> str:
     """The seed's folder name for a device: NPU, GPU or CPU."""
     return {"npu": "NPU", "cuda": "GPU"}.get(device.split(":")[0], "CPU")
 
 
+def predictions_family(path) -> str:
+    """Score-only mode: the device a predictions file's name says made it - the seed's
+    `gpu_coco_rst.json` / `npu_coco_rst.json` (`cpu_` too) - else PREDICTIONS. It names the captions
+    file written back (`gpu_coco_rst.json` stays gpu_...), never a device this run used."""
+    prefix = Path(path).name.split("_", 1)[0].lower()
+    return {"npu": "NPU", "gpu": "GPU", "cpu": "CPU"}.get(prefix, SCORE_ONLY.upper())
+
+
 def run_paths(output_dir, family, task_type, task, data_type, model, model_type, batch_size, tp) -> RunPaths:
     rel = Path(family, f"{task_type}_test", task, data_type, model)
     stem = f"{task}_{model_type}_batch{batch_size}_tp{tp}"
+    return _paths(output_dir, rel, stem)
+
+
+def score_only_paths(output_dir, task_type, task, predictions) -> RunPaths:
+    """Score-only mode (--predictions): no device, dtype, model type, batch size or tp played a part,
+    so the path names none; the predictions file's stem keeps two files scored into one --output_dir
+    (gpu_coco_rst.json and npu_coco_rst.json) apart.
+      <output_dir>/results/predictions/<task_type>_test/<task>/<predictions stem>/<task>_result.csv"""
+    return _paths(output_dir, Path(SCORE_ONLY, f"{task_type}_test", task, Path(predictions).stem), task)
+
+
+def _paths(output_dir, rel: Path, stem: str) -> RunPaths:
     results = Path(output_dir, "results", rel)
     return RunPaths(results / f"{stem}_result.csv", results / f"{stem}_result.json", Path(output_dir, "debug", rel, stem))
 

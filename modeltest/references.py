@@ -5,7 +5,8 @@ A file holds `model` and `references`, a list of entries with `task`, `metric`, 
 task's metric.normalizer, `official` read as `qwen_vl`; `none` for a metric without one), `dtype`, `score` and `tolerance` (fractions) and `source` (where the figure
 comes from: a publication with the prompt, token budget and evaluator that produced it, or a
 measurement here with its machine and commit). A run matches an entry when its model, task, metric,
-evaluator and dtype are the entry's.
+evaluator and dtype are the entry's; a score-only run (--predictions) names no dtype, so it matches
+the one entry of its model, task, metric and evaluator whatever that entry's dtype (several: none).
 
 The gate is one-sided: with the run's score s, its standard error se over samples and the floor
 f = score - tolerance, the run FAILs when it is significantly below the floor at alpha (default 0.05):
@@ -76,6 +77,10 @@ def describe(summary: dict) -> dict:
 
 def match(refs: list[Reference], summary: dict) -> Reference | None:
     want = describe(summary)
+    if want["dtype"] is None:  # score-only: made elsewhere, in a dtype nothing here records
+        keys = tuple(v for k, v in want.items() if k != "dtype")
+        found = [r for r in refs if (r.model, r.task, r.metric, r.evaluator) == keys]
+        return found[0] if len(found) == 1 else None
     for r in refs:
         if (r.model, r.task, r.metric, r.evaluator, r.dtype) == tuple(want.values()):
             return r

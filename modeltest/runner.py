@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .backends.base import Backend, Generation, Request, backend_class, check_model_path, create_backend
-from .config import ModelConfig, TaskConfig, to_dict
+from .config import ModelConfig, TaskConfig, notices, to_dict
 from .errors import EXIT_BAD_INPUT, EXIT_TOO_MANY_ERRORS, ModelTestError
 from .output import (
     CSV_COLUMNS,
@@ -32,9 +32,11 @@ from .output import (
     atomic_write,
     dataset_fingerprint,
     device_family,
+    predictions_family,
     probe_writable,
     read_samples,
     run_paths,
+    score_only_paths,
     write_csv,
     write_json,
 )
@@ -107,6 +109,9 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
     lay = layout(opts.tp, opts.dp, planned=opts.check_only)
     if predictions is not None and lay.world > 1:
         raise ModelTestError("score-only mode (--predictions) runs in one process; launch it without torchrun")
+    if lay.main and not opts.check_only:  # (mm_run.sh's pre-flight stays quiet: the run itself says it)
+        for line in notices(model_cfg if predictions is None else None, task_cfg, backend_name):
+            print(f"modeltest: note: {line}", file=sys.stderr)
     if task_cfg.need_logits and backend_name != "engine":
         raise ModelTestError(f"need_logits: true needs the engine backend (the {backend_name} backend returns no "
                              "output distributions); set need_logits: false or use --backend engine")  # fmt: skip
@@ -115,12 +120,16 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
         if lay.tp > 1 and not backend_class(backend_name).supports_tp:
             raise ModelTestError(f"the {backend_name} backend does not run tensor parallel (--tp {lay.tp}): use "
                                  f"--backend engine, or --dp {lay.world} for a copy of the model per device")  # fmt: skip
-    device, family = _device(backend_name, opts.device, backend, lay)
-
     model_name = model_cfg.model_name if model_cfg and predictions is None else PREDICTIONS_MODEL_NAME
     defaults = model_cfg or ModelConfig(model_name=PREDICTIONS_MODEL_NAME)
-    paths = run_paths(opts.output_dir, family, task_cfg.task_type, task_cfg.task_name, defaults.data_type,
-                      model_name, defaults.model_type, opts.batch_size, lay.tp)  # fmt: skip
+    if predictions is not None:  # score-only: no device or dtype made these answers here; none is claimed
+        device, family, dtype = None, predictions_family(opts.predictions), None
+        paths = score_only_paths(opts.output_dir, task_cfg.task_type, task_cfg.task_name, opts.predictions)
+    else:
+        device, family = _device(backend_name, opts.device, backend, lay)
+        dtype = defaults.data_type
+        paths = run_paths(opts.output_dir, family, task_cfg.task_type, task_cfg.task_name, dtype, model_name,
+                          defaults.model_type, opts.batch_size, lay.tp)  # fmt: skip
     task_fingerprint = to_dict(task_cfg)
     task_fingerprint.pop("annotations_path")  # references only score; the samples do not depend on them
     fingerprint = {
@@ -141,7 +150,7 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
             try:
                 _check_writable(paths)
                 lock = RunLock(paths.debug_dir).acquire()
-                done = _resume(paths, fingerprint, opts.overwrite, retry_errors=opts.retry_errors)
+                done, failed = _resume(paths, fingerprint, opts.overwrite, retry_errors=opts.retry_errors)
                 task.check_outputs(paths, family, done, opts.overwrite)
                 status = ("ok", set(done))
             except ModelTestError as e:
@@ -150,6 +159,8 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
         if status[0] == "error":
             raise ModelTestError(status[1])
         todo = [s for s in samples if s.id not in status[1]]
+        if lay.main:
+            _say_resuming(samples, todo, failed, opts.retry_errors, paths)
         mine = share(todo, lay)
 
         load_time = 0.0
@@ -157,7 +168,7 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
             for key, value in (model_cfg.env or {}).items():
                 os.environ[key] = value
             t0 = time.perf_counter()
-            backend = create_backend(backend_name, model_cfg, device, lay.tp, opts.batch_size)
+            backend = create_backend(backend_name, model_cfg, device, lay.tp, opts.batch_size, opts.progress)
             load_time = time.perf_counter() - t0
 
         records = {s.id: done[s.id] for s in samples if s.id in done} if lay.main else {}
@@ -165,7 +176,7 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
         def refresh(so_far: dict) -> None:  # rank 0, while the run goes: the results so far
             finished = [so_far[s.id] for s in samples if s.id in so_far]
             _write_results(task, finished, paths, opts, fingerprint, {"wall_s": time.time() - started}, device,
-                           model_name, lay, {}, complete=False, dtype=defaults.data_type)  # fmt: skip
+                           model_name, lay, {}, complete=False, dtype=dtype)  # fmt: skip
 
         logit_ids = {s.id for s in samples[:LOGITS_SAMPLES]} if task_cfg.need_logits else set()
         infer_time = _loop(task, backend, mine, records, paths, opts, lay, refresh, logit_ids) if mine else 0.0
@@ -184,7 +195,7 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
             "resumed_samples": len(samples) - len(todo),
         }
         result = _finish(task, ordered, paths, opts, fingerprint, timings, device, family, model_name, lay,
-                         defaults.data_type)  # fmt: skip
+                         dtype)  # fmt: skip
         _after(result, opts)
         return result
     finally:
@@ -200,7 +211,7 @@ def _check_only(task, model_cfg, backend_name, backend, paths, fingerprint, fami
         backend_class(backend_name).check(model_cfg, lay.tp)
     _check_writable(paths, dry=True)
     RunLock(paths.debug_dir).probe()
-    done = _resume(paths, fingerprint, opts.overwrite, dry=True, retry_errors=opts.retry_errors)
+    done, _ = _resume(paths, fingerprint, opts.overwrite, dry=True, retry_errors=opts.retry_errors)
     task.check_outputs(paths, family, done, opts.overwrite)
     print(f"modeltest: check passed; {len(done)} samples done already ({paths.debug_dir})", file=sys.stderr)
     return RunResult([], 0.0, 0, 0, paths)
@@ -226,8 +237,6 @@ def _device(backend_name: str, device: str | None, backend: Backend | None, lay:
     accelerator without an index is LOCAL_RANK's."""
     from engine import DeviceError, resolve_device
 
-    if backend_name == "predictions":
-        return "cpu", "CPU"
     if backend is not None and getattr(backend, "device", None):
         device = backend.device
     try:
@@ -258,14 +267,16 @@ def _flatten(d, prefix="") -> dict:
     return out
 
 
-def _resume(paths: RunPaths, fingerprint: dict, overwrite: bool, dry: bool = False, retry_errors: bool = True) -> dict:
+def _resume(paths: RunPaths, fingerprint: dict, overwrite: bool, dry: bool = False,
+            retry_errors: bool = True) -> tuple[dict, set]:  # fmt: skip
     """The records an earlier run of the same configuration finished (its data-parallel shards folded
-    into samples.jsonl first); a different configuration is refused while samples made with it are
-    there (a run that failed before its first sample blocks nothing). With `retry_errors` the samples
-    that failed are dropped, so this run does them again. `dry`: look, change nothing."""
+    into samples.jsonl first), and the ids of those that failed; a different configuration is refused
+    while samples made with it are there (a run that failed before its first sample blocks nothing).
+    With `retry_errors` the samples that failed are dropped, so this run does them again. `dry`: look,
+    change nothing."""
     if overwrite:
         if dry:
-            return {}
+            return {}, set()
         for p in (paths.samples, paths.run_config, *shards(paths.samples), *paths.debug_dir.glob("logits/*")):
             if p.exists():
                 p.unlink()
@@ -292,7 +303,25 @@ def _resume(paths: RunPaths, fingerprint: dict, overwrite: bool, dry: bool = Fal
         records = {k: r for k, r in records.items() if k not in failed}
         if not dry:  # samples.jsonl keeps one record per sample: the failed ones go, their retries come
             atomic_write(paths.samples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values()))
-    return records
+    return records, failed
+
+
+def _say_resuming(samples: list[Sample], todo: list[Sample], failed: set, retry_errors: bool, paths: RunPaths) -> None:
+    """Rank 0, when an earlier run's samples are reused: how many, from where, and what is left - so a
+    run that looks short, or an output folder reused by mistake, is seen at once."""
+    ids = {s.id for s in samples}
+    failed = failed & ids  # an earlier run may have done samples this one (--limit) leaves out
+    reused = len(samples) - len(todo)
+    if not reused and not failed:
+        return
+    if not retry_errors and failed:
+        note = f" ({len(failed)} of them failed and are kept: --no_retry_errors)"
+    elif failed:
+        note = f" ({len(failed)} that failed before are retried)"
+    else:
+        note = ""
+    print(f"modeltest: resuming: {reused} of {len(samples)} samples already done in {paths.samples}; "
+          f"{len(todo)} to go{note}", file=sys.stderr)  # fmt: skip
 
 
 def _check_writable(paths: RunPaths, dry: bool = False) -> None:
@@ -409,6 +438,8 @@ def _record(task: Task, sample: Sample, gen: Generation) -> dict:
         "input_tokens": gen.input_tokens,
         "output_tokens": gen.output_tokens,
         "e2e_time": gen.e2e_time,
+        # need_truncate_input: the prompt tokens cut from the left to fit requested_max_input_length
+        **({"input_truncated": gen.extra["input_truncated"]} if gen.extra.get("input_truncated") else {}),
         **task.record_fields(prediction),
     }
 
@@ -472,7 +503,7 @@ def _loop(task, backend, todo, records, paths: RunPaths, opts: RunOptions, lay: 
 
 
 def _finish(task: Task, records: list[dict], paths: RunPaths, opts: RunOptions, fingerprint: dict,
-            timings: dict, device: str, family: str, model_name: str, lay: Layout, dtype: str) -> RunResult:  # fmt: skip
+            timings: dict, device: str | None, family: str, model_name: str, lay: Layout, dtype: str | None) -> RunResult:  # fmt: skip
     extra_paths = task.write_outputs(records, paths, family)  # first: a scorer that fails loses no output
     rows, spread, summary = _write_results(task, records, paths, opts, fingerprint, timings, device, model_name, lay,
                                            extra_paths, complete=True, dtype=dtype)  # fmt: skip
@@ -483,8 +514,8 @@ def _finish(task: Task, records: list[dict], paths: RunPaths, opts: RunOptions, 
 
 
 def _write_results(task: Task, records: list[dict], paths: RunPaths, opts: RunOptions, fingerprint: dict,
-                   timings: dict, device: str, model_name: str, lay: Layout, extra_paths: dict,
-                   complete: bool, dtype: str) -> tuple[list, list, dict]:  # fmt: skip
+                   timings: dict, device: str | None, model_name: str, lay: Layout, extra_paths: dict,
+                   complete: bool, dtype: str | None) -> tuple[list, list, dict]:  # fmt: skip
     """The results CSV and JSON over `records`. While the run goes (`complete` False) they hold the
     samples finished so far, without the corpus metrics (those score all captions at once)."""
     cfg = task.config
@@ -497,10 +528,12 @@ def _write_results(task: Task, records: list[dict], paths: RunPaths, opts: RunOp
     corpus = task.corpus_metrics(records) if complete else []
     rows += [[cfg.task_name, shots, total, None, name, v] for name, total, v in corpus]  # Pass: not a count
     spread += [None] * len(corpus)
-    for subject in dict.fromkeys(r["subject"] for r in records):
-        sub = [r["score"] for r in records if r["subject"] == subject]
-        rows.append([subject, shots, len(sub), sum(sub), metric.name, metric.aggregate(sub)])
-        spread.append(Uncertainty.of(sub))
+    subjects = list(dict.fromkeys(r["subject"] for r in records))
+    if len(subjects) > 1:  # one subject's row would repeat the task row's numbers: it is left out
+        for subject in subjects:
+            sub = [r["score"] for r in records if r["subject"] == subject]
+            rows.append([subject, shots, len(sub), sum(sub), metric.name, metric.aggregate(sub)])
+            spread.append(Uncertainty.of(sub))
     errors = sum(1 for r in records if r["error"] is not None)
     error_rate = errors / len(records) if records else 0.0
     csv_rows = [[r[0], r[1], r[2], None if r[3] is None else round(r[3], 6), r[4], round(r[5], 6)] for r in rows]
@@ -516,6 +549,7 @@ def _write_results(task: Task, records: list[dict], paths: RunPaths, opts: RunOp
         "complete": complete,
         "dataset_fingerprint": dataset_fingerprint(records),
         "corpus_metrics": {name: v for name, _, v in corpus},
+        "subjects": subjects,  # named here even when a single subject has no row of its own
         "total": len(records),
         "pass": sum(scores),
         "errors": errors,

@@ -6,7 +6,8 @@
 - resume across world sizes: samples finished under dp 2 are not redone by a dp 1 run;
 - SIGKILL of one rank: torchrun stops the other within a bounded time naming the dead rank, and the
   same command run again finishes with the uninterrupted run's results;
-- two runs on one output folder: the second is refused, naming the holder of the lock;
+- two runs on one output folder: the second is refused, naming the holder of the lock; a resumed
+  torchrun run says what it reuses once (rank 0);
 - --tp / --dp that do not match the processes, and tensor parallel on the hf backend, are refused.
 """
 
@@ -206,7 +207,10 @@ def test_a_second_run_on_the_same_folder_is_refused(setup, single, capsys):
     before[debug] += b'{"id": 34605, "pred'
     assert run_cli([*args, "--limit", "4", "--check_only"], out) == 0
     assert {p: p.read_bytes() for p in debug.parent.iterdir()} == before  # the check changed nothing
-    assert run_cli([*args, "--limit", "4"], out) == 0
+    done = run_torchrun([*args, "--limit", "4"], out, "--dp", "2")  # resumed under torchrun: rank 0 says so, once
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = [line for line in done.stderr.splitlines() if "resuming" in line]
+    assert said == [f"modeltest: resuming: 2 of 4 samples already done in {debug}; 2 to go"], done.stderr[-3000:]
 
 
 def test_layouts_that_do_not_match_are_refused(setup, monkeypatch, capsys):

@@ -102,10 +102,10 @@ def test_reference_gate(task_yaml, tmp_path, capsys):
     summary = json.loads(next(out.rglob("*_result.json")).read_text())
     ref = tmp_path / "predictions.yaml"
 
-    def write(score: float, tolerance: float, evaluator: str = "evalai") -> None:
+    def write(score: float, tolerance: float, evaluator: str = "evalai", dtypes=("bf16",)) -> None:
         ref.write_text(yaml.safe_dump({"model": "predictions", "references": [
-            {"task": "textvqa", "metric": "vqa_accuracy", "evaluator": evaluator, "dtype": "bf16",
-             "score": score, "tolerance": tolerance, "source": "measured here (test)"}]}))  # fmt: skip
+            {"task": "textvqa", "metric": "vqa_accuracy", "evaluator": evaluator, "dtype": dtype,
+             "score": score, "tolerance": tolerance, "source": "measured here (test)"} for dtype in dtypes]}))  # fmt: skip
 
     value, stderr = summary["value"], summary["stderr"]
     write(value + 0.05, 0.01)  # 4 points above the floor... below it by more than its noise? see the gate
@@ -123,6 +123,14 @@ def test_reference_gate(task_yaml, tmp_path, capsys):
     assert main(["compare", "--reference", str(ref), str(out)]) == 2
     err = capsys.readouterr().err
     assert "no reference for this run" in err and "evaluator 'evalai'" in err and "textvqa/vqa_accuracy/vqaeval/bf16" in err
+    # a score-only run names no dtype: the one entry of its task matches whatever its dtype, two do not
+    assert summary["dtype"] is None
+    write(value, 0.01, dtypes=("fp16",))
+    assert main(["compare", "--reference", str(ref), str(out), "--output", str(tmp_path / "c4")]) == 0
+    write(value, 0.01, dtypes=("fp16", "bf16"))
+    assert main(["compare", "--reference", str(ref), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "dtype None) (score-only: the predictions name no dtype" in err
 
 
 def test_gate_formula():

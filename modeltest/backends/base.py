@@ -1,6 +1,8 @@
 """The backend interface: generate for a batch of multimodal requests -> text, token counts, timings.
 
-A request is a list of parts, each {"image": path or PIL.Image} or {"text": str}, in order. Each
+A request is a list of parts, each {"image": ...} or {"text": str}, in order; an image is a path, a
+PIL.Image, an `ImageBytes` (encoded bytes, decoded by `open_image` only when a backend needs the pixels)
+or an undecoded `datasets` Image cell ({"bytes", "path"}). Each
 backend renders the parts the way its model expects and reports the rendered model input back in
 `Generation.prompt`. `Request.list_format` asks a raw-query backend (engine) for Qwen-VL's
 `from_list_format` rendering (`Picture 1: <img>path</img>\\n` before the text); a chat-template
@@ -30,6 +32,9 @@ class Request:
     # need_logits: return the whole output distribution of the first `distributions` tokens (0: none) in
     # Generation.extra["logprobs"] ([tokens, vocab] float32) with extra["token_ids"]
     distributions: int = 0
+    chat: bool = False  # use_chat_template / is_chat_model: the parts are the user turn of a chat
+    max_input_tokens: int | None = None  # requested_max_input_length: a longer prompt fails its sample ...
+    truncate_input: bool = False  # ... or, need_truncate_input, loses text from the left to fit
 
     @property
     def images(self) -> list:
@@ -75,31 +80,59 @@ class SampleError(Exception):
     """A failure that belongs to one sample: it is recorded and the run continues."""
 
 
+@dataclass(frozen=True, repr=False)
+class ImageBytes:
+    """An encoded image (JPEG, PNG, ... as parquet files and `datasets` store them) and a name for it.
+    Datasets hold these, not pixels: 5,000 decoded TextVQA images would take ~10 GB, their files ~1 GB.
+    `open_image` decodes one when a backend needs it; `name` labels it in prompts, logs and
+    samples.jsonl (a file name, so the dataset fingerprint's basename rule applies)."""
+
+    data: bytes
+    name: str
+
+    def __repr__(self) -> str:  # never dump the bytes into a log
+        return f"ImageBytes({self.name!r}, {len(self.data)} bytes)"
+
+
+def image_name(image) -> str | None:
+    """How an image is named in a rendered prompt: its path, or its name when it is held in memory."""
+    if isinstance(image, ImageBytes):
+        return image.name
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    if isinstance(image, dict):
+        return image.get("path")
+    return None
+
+
 def open_image(image):
-    """Open and fully decode an image (path or PIL.Image) as RGB; SampleError names the problem."""
-    from PIL import Image, UnidentifiedImageError
+    """Open and fully decode an image (a path, PIL.Image, ImageBytes or undecoded `datasets` cell) as RGB;
+    SampleError names the problem."""
+    from PIL import Image
 
     if isinstance(image, Image.Image):
         return to_rgb(image, getattr(image, "filename", "") or "in-memory image")
-    if isinstance(image, dict):  # a `datasets` Image cell stored undecoded: {"bytes", "path"}
-        if image.get("bytes"):
-            name = image.get("path") or "embedded image"
-            try:
-                with Image.open(io.BytesIO(image["bytes"])) as im:
-                    im.load()
-                    return to_rgb(im, name)
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-                raise SampleError(f"image unreadable: {name}: {e}") from None
+    if isinstance(image, dict) and image.get("bytes"):  # a `datasets` Image cell stored undecoded
+        image = ImageBytes(image["bytes"], image.get("path") or "embedded image")
+    if isinstance(image, ImageBytes):
+        return _decode(io.BytesIO(image.data), image.name)
+    if isinstance(image, dict):
         image = image.get("path") or ""
     path = os.fspath(image)
     if not os.path.exists(path):
         raise SampleError(f"image not found: {path}")
+    return _decode(path, path)
+
+
+def _decode(source, name: str):
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
-            return to_rgb(im, path)
+            return to_rgb(im, name)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise SampleError(f"image unreadable: {path}: {e}") from None
+        raise SampleError(f"image unreadable: {name}: {e}") from None
 
 
 def to_rgb(im, name: str):
@@ -112,6 +145,33 @@ def to_rgb(im, name: str):
         raise SampleError(str(e)) from None
 
 
+def fit_input(request: Request, parts: list[dict], count, encode, decode) -> tuple[list[dict], int]:
+    """`parts` (the request's, as the backend renders them) made to fit request.max_input_tokens, and
+    the tokens cut. `count(parts)` is the rendered prompt's length in the model's tokens (image
+    tokens and any chat wrapping included). Longer than the limit: SampleError, or with
+    request.truncate_input the text parts lose tokens from the left (the first text first; an image
+    span is never cut) until it fits."""
+    limit = request.max_input_tokens
+    if limit is None:
+        return parts, 0
+    n = count(parts)
+    if n <= limit:
+        return parts, 0
+    if not request.truncate_input:
+        raise SampleError(f"the prompt is {n} tokens, more than requested_max_input_length {limit}; set "
+                          "need_truncate_input: true to cut its text from the left")  # fmt: skip
+    parts, start = [dict(p) for p in parts], n
+    while n > limit:
+        i = next((k for k, p in enumerate(parts) if "text" in p and p["text"]), None)
+        if i is None:
+            raise SampleError(f"the prompt's images alone are {n} tokens, more than requested_max_input_length "
+                              f"{limit}: no text is left to cut")  # fmt: skip
+        ids = encode(parts[i]["text"])
+        parts[i]["text"] = decode(ids[min(len(ids), n - limit):])  # re-encoding may differ by a token: count again
+        n = count(parts)
+    return parts, start - n
+
+
 def render_qwen_prompt(parts: list[dict], list_format: bool = False) -> str:
     """Qwen-VL's raw query format: images as <img>path</img> spans, text as is. With `list_format`,
     the original `from_list_format`: each image as `Picture {n}: <img>path</img>\\n`."""
@@ -120,7 +180,7 @@ def render_qwen_prompt(parts: list[dict], list_format: bool = False) -> str:
     for p in parts:
         if "image" in p:
             img = p["image"]
-            name = img if isinstance(img, (str, os.PathLike)) else (img.get("path") if isinstance(img, dict) else None)
+            name = image_name(img)
             n += 1
             span = f"<img>{name or '<in-memory image>'}</img>"
             out.append(f"Picture {n}: {span}\n" if list_format else span)
@@ -147,12 +207,14 @@ def backend_class(name: str) -> type[Backend]:
     raise unknown_name("backend", name, BACKENDS)
 
 
-def create_backend(name: str, model_cfg, device: str | None, tp: int = 1, batch_size: int = 1) -> Backend:
-    """Build the named backend for `model_cfg` (loads the model). `batch_size` is the run's
-    --batch_size: the engine runs that many sequences at once (the seed's meaning)."""
+def create_backend(name: str, model_cfg, device: str | None, tp: int = 1, batch_size: int = 1,
+                   progress: bool = True) -> Backend:  # fmt: skip
+    """Build the named backend for `model_cfg` (loads the model; `progress`: its loading bar).
+    `batch_size` is the run's --batch_size: the engine runs that many sequences at once (the seed's
+    meaning); the hf backend gets that many requests per call from the runner."""
     if name == "hf":
-        return backend_class(name)(model_cfg, device=device, tp=tp)
-    return backend_class(name)(model_cfg, device=device, tp=tp, batch_size=batch_size)
+        return backend_class(name)(model_cfg, device=device, tp=tp, progress=progress)
+    return backend_class(name)(model_cfg, device=device, tp=tp, batch_size=batch_size, progress=progress)
 
 
 def check_model_path(model_cfg) -> str:

@@ -12,7 +12,16 @@ and the engine schedules it. Greedy.
 from __future__ import annotations
 
 from ..errors import ModelTestError
-from .base import Backend, Generation, Request, SampleError, check_model_path, open_image, render_qwen_prompt
+from .base import (
+    Backend,
+    Generation,
+    Request,
+    SampleError,
+    check_model_path,
+    fit_input,
+    open_image,
+    render_qwen_prompt,
+)
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 MAX_LABEL_BYTES = 256  # Qwen-VL's <img>..</img> span holds at most this many path bytes
@@ -30,12 +39,13 @@ class EngineBackend(Backend):
         from engine import EngineError, check_model
 
         path = check_model_path(model_cfg)
+        _warmup_images(model_cfg)
         try:
             check_model(path, tensor_parallel_size=tp)
         except EngineError as e:
             raise ModelTestError(f"{path}: {e}") from None
 
-    def __init__(self, model_cfg, device: str | None = None, tp: int = 1, batch_size: int = 1):
+    def __init__(self, model_cfg, device: str | None = None, tp: int = 1, batch_size: int = 1, progress: bool = True):
         from engine import LLM, EngineError
 
         path = check_model_path(model_cfg)
@@ -43,6 +53,8 @@ class EngineBackend(Backend):
         max_model_len = None
         if params.max_input_length and params.max_output_length:
             max_model_len = params.max_input_length + params.max_output_length
+        if model_cfg.max_position_embedding > 0:  # the seed's cap on the context (-1: the model's own)
+            max_model_len = min(max_model_len or model_cfg.max_position_embedding, model_cfg.max_position_embedding)
         try:
             self.llm = LLM(
                 path,
@@ -53,29 +65,48 @@ class EngineBackend(Backend):
                 max_model_len=max_model_len,
                 max_prefill_tokens=params.max_prefill_tokens,
                 tensor_parallel_size=tp,
+                warmup_images=_warmup_images(model_cfg) or None,
+                progress=progress,
             )
         except EngineError as e:
-            raise ModelTestError(f"{path}: {e}") from None
+            hint = " (max_position_embedding in the model config)" if model_cfg.max_position_embedding > 0 else ""
+            raise ModelTestError(f"{path}: {e}{hint if 'max_model_len' in str(e) else ''}") from None
         self.device = self.llm.config.device
 
-    def _prompt(self, request: Request) -> dict:
+    def _prompt(self, request: Request) -> tuple[dict, int]:
+        """The engine prompt (and the tokens requested_max_input_length made it cut): Qwen-VL's raw
+        query, or with request.chat the user turn of a ChatML conversation (the original make_context:
+        default system prompt, the parts as from_list_format renders them), its image spans taking the
+        images opened here."""
         images = [open_image(p["image"]) for p in request.parts if "image" in p]
-        labeled = []
-        for part in request.parts:
-            if "image" in part:
-                label = _label(part["image"])
-                part = {"image": label}
-            labeled.append(part)
-        return {"prompt": render_qwen_prompt(labeled, request.list_format), "multi_modal_data": {"image": images}}
+        labeled = [{"image": _label(p["image"])} if "image" in p else p for p in request.parts]
+
+        def build(parts: list[dict]) -> dict:
+            prompt = [{"role": "user", "content": parts}] if request.chat else render_qwen_prompt(parts, request.list_format)
+            return {"prompt": prompt, "multi_modal_data": {"image": images}}
+
+        from engine import EngineError
+
+        def count(parts: list[dict]) -> int:
+            try:
+                return len(self.llm.prompt_token_ids(build(parts)))
+            except EngineError as e:
+                raise SampleError(str(e)) from None
+
+        tok = self.llm.get_tokenizer()
+        parts, cut = fit_input(request, labeled, count, tok.encode, tok.decode)
+        return build(parts), cut
 
     def generate(self, requests: list[Request], on_result=None) -> list[Generation]:
         from engine import SamplingParams
 
         results: list[Generation | None] = [None] * len(requests)
-        prompts, params, rows = [], [], []
+        prompts, params, rows, cuts = [], [], [], []
         for i, req in enumerate(requests):
             try:
-                prompts.append(self._prompt(req))
+                prompt, cut = self._prompt(req)
+                prompts.append(prompt)
+                cuts.append(cut)
             except SampleError as e:
                 results[i] = Generation(error=str(e))
                 if on_result:
@@ -88,11 +119,26 @@ class EngineBackend(Backend):
 
             def finished(j: int, out) -> None:
                 results[rows[j]] = _generation(out, requests[rows[j]].distributions)
+                if cuts[j]:
+                    results[rows[j]].extra["input_truncated"] = cuts[j]  # type: ignore[union-attr]
                 if on_result:
                     on_result(rows[j], results[rows[j]])
 
             self.llm.generate(prompts, params, use_tqdm=False, errors="return", on_output=finished)
         return results  # type: ignore[return-value]
+
+
+def _warmup_images(model_cfg) -> list[str]:
+    """mm_model.warm_up_image_path: the images the engine's warm-up uses (the seed's key); each must
+    be a file (checked before anything loads)."""
+    import os
+
+    paths = [str(p) for p in model_cfg.mm_model.warm_up_image_path or []]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise ModelTestError(f"mm_model.warm_up_image_path: {p} is not a file; give an image the warm-up can use "
+                                 "(any image of the dataset), or remove the key for a blank one")  # fmt: skip
+    return paths
 
 
 def _generation(out, distributions: int = 0) -> Generation:
@@ -116,14 +162,13 @@ def _generation(out, distributions: int = 0) -> Generation:
 
 def _label(image) -> str:
     """The text inside the image's <img>..</img> span: its path when it fits (as the original
-    writes it), else its file name. The model never sees it: the span's slots take the image."""
+    writes it), else its file name; an image held in memory (ImageBytes, a `datasets` cell) by its name.
+    The model never sees it: the span's slots take the image."""
     import os
 
-    if isinstance(image, dict):
-        image = image.get("path") or "image"
-    if not isinstance(image, (str, os.PathLike)):
-        return "image"
-    path = os.fspath(image)
+    from .base import image_name
+
+    path = image_name(image) or "image"
     if len(path.encode("utf-8")) <= MAX_LABEL_BYTES:
         return path
     return os.path.basename(path).encode("utf-8")[-MAX_LABEL_BYTES:].decode("utf-8", "ignore")

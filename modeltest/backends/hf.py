@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from ..errors import ModelTestError
-from .base import Backend, Generation, Request, SampleError, check_model_path, open_image
+from .base import Backend, Generation, Request, SampleError, check_model_path, fit_input, open_image
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
@@ -19,7 +19,7 @@ DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 class HFBackend(Backend):
     name = "hf"
 
-    def __init__(self, model_cfg, device: str | None = None, tp: int = 1):
+    def __init__(self, model_cfg, device: str | None = None, tp: int = 1, progress: bool = True):
         import torch
         import transformers
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
@@ -34,6 +34,9 @@ class HFBackend(Backend):
         except DeviceError as e:
             raise ModelTestError(str(e)) from None
         trust = model_cfg.trust_remote_code
+        _refuse_engine_only(path)
+        if not progress:
+            transformers.utils.logging.disable_progress_bar()  # the weight-loading bar (--no_progress)
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
         except (OSError, ValueError) as e:
@@ -58,28 +61,35 @@ class HFBackend(Backend):
         eos = eos if isinstance(eos, list) else [eos]
         self.stop_ids = {i for i in eos + [self.tokenizer.pad_token_id] if i is not None}
 
-    def _render(self, request: Request) -> tuple[str, list]:
-        # Request.list_format (Qwen-VL's "Picture n: <img>path</img>" labels) is for raw-query models;
-        # here the chat template places each image, followed by the text as is.
-        content, images = [], []
-        for part in request.parts:
-            if "image" in part:
-                images.append(open_image(part["image"]))
-                content.append({"type": "image"})
-            else:
-                content.append({"type": "text", "text": part["text"]})
-        messages = [{"role": "user", "content": content}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return text, images
+    def _render(self, request: Request) -> tuple[str, list, int]:
+        """The prompt text, its images and the tokens requested_max_input_length made it cut.
+        Request.list_format (Qwen-VL's "Picture n: <img>path</img>" labels) is for raw-query models;
+        here the chat template places each image, followed by the text as is (with or without
+        request.chat: the template is the only generic way to place image tokens)."""
+        images = [open_image(part["image"]) for part in request.parts if "image" in part]
+
+        def build(parts: list[dict]) -> str:
+            content = [{"type": "image"} if "image" in p else {"type": "text", "text": p["text"]} for p in parts]
+            messages = [{"role": "user", "content": content}]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+        def count(parts: list[dict]) -> int:
+            kwargs = {"images": images} if images else {}
+            return int(self.processor(text=[build(parts)], return_tensors="pt", **kwargs)["input_ids"].shape[1])
+
+        parts, cut = fit_input(request, request.parts, count, self.tokenizer.encode,
+                               lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))  # fmt: skip
+        return build(parts), images, cut
 
     def generate(self, requests: list[Request]) -> list[Generation]:
         import torch
 
         results: list[Generation | None] = [None] * len(requests)
-        texts, images, rows = [], [], []
+        texts, images, rows, cuts = [], [], [], []
         for i, req in enumerate(requests):
             try:
-                text, imgs = self._render(req)
+                text, imgs, cut = self._render(req)
+                cuts.append(cut)
             except SampleError as e:
                 results[i] = Generation(error=str(e))
                 continue
@@ -112,5 +122,25 @@ class HFBackend(Backend):
                     input_tokens=int(attention[row].sum()),
                     output_tokens=len(new),
                     e2e_time=elapsed,
+                    extra={"input_truncated": cuts[row]} if cuts[row] else {},
                 )
         return results  # type: ignore[return-value]
+
+
+def _refuse_engine_only(path: str) -> None:
+    """Qwen-VL (v1) ships only its own code (config.json model_type "qwen" with a visual tower), which
+    transformers does not include and which no longer imports under transformers 5: say where it
+    runs instead of passing on transformers' advice to trust remote code."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return  # transformers reports it
+    if isinstance(raw, dict) and raw.get("model_type", "qwen") == "qwen" and "visual" in raw:
+        raise ModelTestError(f"{path}: Qwen-VL (v1) is not a model transformers runs itself (config.json model_type "
+                             "'qwen'); it runs on the engine backend: backend: engine in the model config, or "
+                             "--backend engine")  # fmt: skip
+

@@ -30,6 +30,10 @@ def cut_at_end_marker(text: str) -> str:
 
 @dataclass
 class Sample:
+    """One question. `parts` hold the image as the backend opens it (a path, PIL image, undecoded
+    `datasets` cell or `ImageBytes`: encoded bytes decoded only by `open_image`); `image` is its name as
+    text, what samples.jsonl records and the dataset fingerprint reads (its base name)."""
+
     id: Any
     parts: list[dict]
     references: list
@@ -95,8 +99,12 @@ class Task:
         return self.config.requested_max_output_length or self.default_max_new_tokens
 
     def request(self, sample: Sample) -> Request:
-        min_new = self.model.mm_model.infer_params.min_output_length if self.model else 0
-        return Request(sample.id, sample.parts, self.max_new_tokens, min_new, list_format=self.list_format)
+        model = self.model
+        min_new = model.mm_model.infer_params.min_output_length if model else 0
+        chat = bool(model and (model.use_chat_template or model.mm_model.infer_params.is_chat_model))
+        return Request(sample.id, sample.parts, self.max_new_tokens, min_new, list_format=self.list_format, chat=chat,
+                       max_input_tokens=self.config.requested_max_input_length,
+                       truncate_input=self.config.need_truncate_input)  # fmt: skip
 
     def render(self, sample: Sample) -> str:
         """The model input in Qwen-VL's raw query format, for logs when a backend reports none."""

@@ -15,6 +15,8 @@ requested_max_output_length). The model config's prompt_prefix/prompt_suffix (VQ
 
 Outputs: beside the results CSV, `<npu|gpu|cpu>_coco_rst.json` = {image file name: caption} sorted
 by key, grounding markup (`<ref>..</ref><box>(x1,y1),(x2,y2)</box>`) kept, failed images left out.
+Score-only mode names it after the device its input names (`--predictions gpu_coco_rst.json` writes
+`gpu_coco_rst.json`), else `predictions_coco_rst.json`: never the CPU, which made no caption.
 An existing file is replaced only when every caption in it is among this run's samples (a resumed
 or extended run); anything else needs --overwrite.
 
@@ -161,6 +163,7 @@ class CocoCaption(Task):
     # -- the seed's caption JSON ------------------------------------------------------------------
     @staticmethod
     def rst_path(paths: RunPaths, family: str) -> Path:
+        # family: the run's device family, or in score-only mode the input's (output.predictions_family)
         return paths.result_csv.parent / f"{family.lower()}_coco_rst.json"
 
     def check_outputs(self, paths: RunPaths, family: str, done: dict, overwrite: bool) -> None:
