@@ -350,7 +350,7 @@ def to_dict(cfg) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 # The seed's keys this tool has no use for, accepted so its files load as written. Every other field
-# is read somewhere (tests/test_config.py checks that each field is read or listed here).
+# is read somewhere (tests/test_config_keys.py checks that each field is read or listed here).
 IGNORED_KEYS = {
     "requested_gpu_framework": "the seed's framework name; the backend is chosen by `backend` (engine|hf)",
     "mm_model.path": "the seed's runner module; the backend is chosen by `backend` (engine|hf)",

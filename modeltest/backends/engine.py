@@ -19,6 +19,7 @@ from .base import (
     SampleError,
     check_model_path,
     fit_input,
+    image_name,
     open_image,
     render_qwen_prompt,
 )
@@ -165,8 +166,6 @@ def _label(image) -> str:
     writes it), else its file name; an image held in memory (ImageBytes, a `datasets` cell) by its name.
     The model never sees it: the span's slots take the image."""
     import os
-
-    from .base import image_name
 
     path = image_name(image) or "image"
     if len(path.encode("utf-8")) <= MAX_LABEL_BYTES:

@@ -143,4 +143,3 @@ def _refuse_engine_only(path: str) -> None:
         raise ModelTestError(f"{path}: Qwen-VL (v1) is not a model transformers runs itself (config.json model_type "
                              "'qwen'); it runs on the engine backend: backend: engine in the model config, or "
                              "--backend engine")  # fmt: skip
-
