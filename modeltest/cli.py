@@ -30,7 +30,8 @@ exit codes:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="modeltest",
-        usage="modeltest --task_config_path TASK (--model_config_path MODEL | --predictions FILE) [options]\n"
+        usage="modeltest --task_config_path TASK (--model_config_path MODEL | --predictions FILE |\n"
+        "                 --backend openai --base_url URL) [options]\n"
         "       modeltest {selftest,compare,history} ...",
         description="Evaluate a vision-language model on a task, or score predictions made elsewhere.",
         epilog=EPILOG,
@@ -49,7 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only N samples (textvqa: the first N; coco_caption: "
                    "N drawn at random with --seed)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="the random draw of --limit samples, where a task draws (default 0)")
-    p.add_argument("--backend", choices=["engine", "hf"], help="override the model config's backend")
+    p.add_argument("--backend", choices=["engine", "hf", "openai"], help="override the model config's backend "
+                   "(openai: an OpenAI-compatible endpoint at --base_url runs the model; then no model config is "
+                   "needed)")  # fmt: skip
+    p.add_argument("--base_url", help="openai backend: the endpoint as the openai client takes it, e.g. "
+                   "http://127.0.0.1:8000/v1 (python -m engine.serve, vLLM, a hosted API)")  # fmt: skip
+    p.add_argument("--api_key", help="openai backend: the endpoint's API key (default: $OPENAI_API_KEY, which "
+                   "keeps it out of the process list; never written to any output)")  # fmt: skip
+    p.add_argument("--served_model", help="openai backend: the model name to request (default: the one model "
+                   "the endpoint's GET /v1/models lists)")  # fmt: skip
+    p.add_argument("--num_concurrent", type=int, help="openai backend: requests in flight at once (default 16)")
+    p.add_argument("--timeout", type=float, help="openai backend: seconds one request attempt may take "
+                   "(default 600)")  # fmt: skip
+    p.add_argument("--max_retries", type=int, help="openai backend: retries of a connection error, timeout, "
+                   "429 or 5xx, with backoff and the server's Retry-After (default 2)")  # fmt: skip
     p.add_argument("--device", help="cpu, cuda[:i] or npu[:i] (default: npu, else cuda, else cpu)")
     p.add_argument("--tp", type=int, help="tensor-parallel size: processes that run one copy of the model. Above "
                    "1 only under torchrun (bash scripts/mm_run.sh starts it; tp x dp = its processes) and only with "
@@ -80,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_cli(argv: list[str] | None = None) -> int:
-    from .config import load_model_config, load_task_config
+    from .config import ModelConfig, load_model_config, load_task_config
     from .runner import RunOptions, run
 
     args = build_parser().parse_args(argv)
@@ -98,8 +112,13 @@ def run_cli(argv: list[str] | None = None) -> int:
         model_cfg = load_model_config(args.model_config_path)
         if args.model_path:
             model_cfg.model_path = args.model_path
+    elif args.backend == "openai" and not args.predictions:  # the endpoint has the model: named after it
+        model_cfg = ModelConfig(model_name="", backend="openai")
     elif not args.predictions:
-        raise ModelTestError("--model_config_path is required (or --predictions to score answers made elsewhere)")
+        raise ModelTestError("--model_config_path is required (or --predictions to score answers made elsewhere, "
+                             "or --backend openai --base_url URL to evaluate an endpoint)")  # fmt: skip
+    if model_cfg is not None:
+        _endpoint_flags(args, model_cfg)
     opts = RunOptions(
         output_dir=args.output_dir,
         backend=args.backend,
@@ -126,6 +145,19 @@ def run_cli(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     return result.exit_code
+
+
+def _endpoint_flags(args, model_cfg) -> None:
+    """--base_url, --api_key, ... over the model config's keys of the same names (checked as those are)."""
+    for name, low in (("num_concurrent", 1), ("max_retries", 0)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ModelTestError(f"--{name} must be >= {low}, got {value}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise ModelTestError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    for name in ("base_url", "api_key", "served_model", "num_concurrent", "timeout", "max_retries"):
+        if getattr(args, name) is not None:
+            setattr(model_cfg, name, getattr(args, name))
 
 
 class _Stopped(BaseException):

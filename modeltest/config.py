@@ -62,12 +62,23 @@ class ModelConfig:
     block_size: int = 128
     requested_gpu_framework: str | None = None
     trust_remote_code: bool = False
-    backend: Literal["engine", "hf"] = "engine"
+    backend: Literal["engine", "hf", "openai"] = "engine"
     env: dict[str, str] = field(default_factory=dict)
     mm_model: MMModelConfig = field(default_factory=MMModelConfig)
+    # backend: openai - an OpenAI-compatible endpoint runs the model (modeltest/backends/openai.py)
+    base_url: str | None = None  # as the openai client takes it: http://127.0.0.1:8000/v1
+    api_key: str | None = field(default=None, metadata={"secret": True})  # else $OPENAI_API_KEY; never written
+    served_model: str | None = None  # None: the one model the endpoint's GET /models lists
+    num_concurrent: int = 16  # requests in flight at once
+    timeout: float = 600.0  # seconds per request attempt (the openai client's default)
+    max_retries: int = 2  # retries of a transient failure: connection, timeout, 408/409/429/5xx (the client's)
 
     def __post_init__(self):
-        _positive(self, "block_size")
+        _positive(self, "block_size", "num_concurrent")
+        if self.timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries!r}")
 
 
 @dataclass
@@ -342,7 +353,17 @@ def _show(value) -> str:
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, for run_config.json and the results JSON: secret fields (api_key) left out,
+    so no file a run writes holds them."""
+    out = dataclasses.asdict(cfg)
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("secret"):
+            out.pop(f.name)
+    return out
+
+
+# How the openai backend sends its requests, not what they ask: a resumed run may change them.
+TRANSPORT_KEYS = ("num_concurrent", "timeout", "max_retries")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,24 +373,43 @@ def to_dict(cfg) -> dict:
 # The seed's keys this tool has no use for, accepted so its files load as written. Every other field
 # is read somewhere (tests/test_config_keys.py checks that each field is read or listed here).
 IGNORED_KEYS = {
-    "requested_gpu_framework": "the seed's framework name; the backend is chosen by `backend` (engine|hf)",
-    "mm_model.path": "the seed's runner module; the backend is chosen by `backend` (engine|hf)",
-    "mm_model.classname": "the seed's runner class; the backend is chosen by `backend` (engine|hf)",
+    "requested_gpu_framework": "the seed's framework name; the backend is chosen by `backend` (engine|hf|openai)",
+    "mm_model.path": "the seed's runner module; the backend is chosen by `backend` (engine|hf|openai)",
+    "mm_model.classname": "the seed's runner class; the backend is chosen by `backend` (engine|hf|openai)",
     "mm_model.infer_params.shm_name_save_path": "the seed's shared-memory hand-off; no process here uses one",
     "om_dataset_path": "the seed's OM-format dataset; use local_dataset_path or hf_dataset_path",
 }
 # Keys that only describe the run: kept with its configuration in the results JSON, which is their use.
 RECORDED_ONLY = {"metadata.version": "the task's version"}
-# Keys only some backends act on: (backend that ignores it, the default that counts as unset, why).
+# Keys only some backends act on: key -> (the default that counts as unset, {backend that ignores it: why}).
 ENGINE_ONLY = "the engine backend's setting"
+SERVER_SIDE = "the endpoint runs the model: set it on its server (python -m engine.serve's flags)"
+OPENAI_ONLY = "the openai backend's setting"
+_ALL_BUT_OPENAI = {"engine": OPENAI_ONLY, "hf": OPENAI_ONLY}
 BACKEND_KEYS = {
-    "block_size": ("hf", 128, ENGINE_ONLY + " (paged KV cache block)"),
-    "max_position_embedding": ("hf", -1, ENGINE_ONLY + " (caps its max_model_len)"),
-    "mm_model.warm_up_image_path": ("hf", [], ENGINE_ONLY + " (its warm-up step)"),
-    "mm_model.infer_params.max_input_length": ("hf", None, ENGINE_ONLY + " (its max_model_len)"),
-    "mm_model.infer_params.max_batch_size": ("hf", None, ENGINE_ONLY + "; hf batches --batch_size requests"),
-    "mm_model.infer_params.max_prefill_tokens": ("hf", None, ENGINE_ONLY + " (its prefill budget)"),
-    "trust_remote_code": ("engine", False, "the engine never runs code from a model folder"),
+    "model_path": (None, {"openai": "the endpoint serves the model: base_url and served_model name it"}),
+    "data_type": ("bf16", {"openai": SERVER_SIDE}),
+    "block_size": (128, {"hf": ENGINE_ONLY + " (paged KV cache block)", "openai": SERVER_SIDE}),
+    "max_position_embedding": (-1, {"hf": ENGINE_ONLY + " (caps its max_model_len)", "openai": SERVER_SIDE}),
+    "mm_model.warm_up_image_path": ([], {"hf": ENGINE_ONLY + " (its warm-up step)", "openai": SERVER_SIDE}),
+    "mm_model.infer_params.max_input_length": (None, {"hf": ENGINE_ONLY + " (its max_model_len)",
+                                                      "openai": SERVER_SIDE}),
+    "mm_model.infer_params.max_batch_size": (None, {"hf": ENGINE_ONLY + "; hf batches --batch_size requests",
+                                                    "openai": "the endpoint batches what it receives; "
+                                                              "num_concurrent sets the requests in flight"}),
+    "mm_model.infer_params.max_prefill_tokens": (None, {"hf": ENGINE_ONLY + " (its prefill budget)",
+                                                        "openai": SERVER_SIDE}),
+    "trust_remote_code": (False, {"engine": "the engine never runs code from a model folder", "openai": SERVER_SIDE}),
+    "use_chat_template": (False, {"openai": "the endpoint renders each chat request with its own chat template"}),
+    "mm_model.infer_params.is_chat_model": (False, {"openai": "the endpoint renders each chat request with its "
+                                                              "own chat template"}),
+    "model_type": ("pa", {"openai": "the endpoint's result files are named <task>_result.*"}),
+    "base_url": (None, _ALL_BUT_OPENAI),
+    "api_key": (None, _ALL_BUT_OPENAI),
+    "served_model": (None, _ALL_BUT_OPENAI),
+    "num_concurrent": (16, _ALL_BUT_OPENAI),
+    "timeout": (600.0, _ALL_BUT_OPENAI),
+    "max_retries": (2, _ALL_BUT_OPENAI),
 }
 
 
@@ -391,19 +431,24 @@ def notices(model: ModelConfig | None, task: TaskConfig, backend: str) -> list[s
         out.append("hf_dataset_path / hf_dataset_split: coco_caption reads a local image folder "
                    "(local_dataset_path or --dataset_path); the hub source is TextVQA's")  # fmt: skip
     if model is not None:
-        for key, (ignoring, default, why) in BACKEND_KEYS.items():
+        for key, (default, ignoring) in BACKEND_KEYS.items():
             value = _get(model, key)
-            if backend == ignoring and value != default:
-                out.append(f"{key}: {value!r} is ignored on the {backend} backend: {why}")
+            if backend in ignoring and value != default:
+                shown = "'***'" if key == "api_key" else repr(value)  # a notice is a log line: no secret in it
+                out.append(f"{key}: {shown} is ignored on the {backend} backend: {ignoring[backend]}")
         mm = model.mm_model
         if task.task_name == "coco_caption" and (mm.prompt_prefix or mm.prompt_suffix):
             out.append("mm_model.prompt_prefix / prompt_suffix (VQA cues) do not apply to captions: the caption "
                        "prompt is the task's own (prompt in the task config)")  # fmt: skip
-        if model.model_type == "fa":
+        if model.model_type == "fa" and backend != "openai":
             out.append("model_type: 'fa' names the output files only: the engine always runs paged attention")
         if backend == "hf" and not (model.use_chat_template or model.mm_model.infer_params.is_chat_model):
             out.append("use_chat_template: false does not apply on the hf backend: it renders every prompt with "
                        "the processor's chat template, the only generic way to place images")  # fmt: skip
+        if backend == "openai" and (task.requested_max_input_length is not None or task.need_truncate_input):
+            out.append("requested_max_input_length / need_truncate_input do not apply on the openai backend: without "
+                       "the model's tokenizer a prompt cannot be measured or cut here; the endpoint refuses a prompt "
+                       "longer than its context (that sample's error)")  # fmt: skip
     elif task.requested_max_input_length is not None or task.need_truncate_input:
         out.append("requested_max_input_length / need_truncate_input do not apply in score-only mode: the "
                    "prompts were made elsewhere")  # fmt: skip

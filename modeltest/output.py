@@ -9,6 +9,8 @@ Layout (the seed's, with a real CSV):
       outputs_<timestamp>.txt   with --save_debug_enable: [output, model input, e2e_time] per line
 Score-only mode (--predictions) names no device or dtype (score_only_paths):
   <output_dir>/results/predictions/<task_type>_test/<task>/<predictions file stem>/<task>_result.csv
+An OpenAI-compatible endpoint (--backend openai) is no device here either (endpoint_paths):
+  <output_dir>/results/openai/<task_type>_test/<task>/<served model>/<task>_result.csv
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import tempfile
 from dataclasses import dataclass
@@ -71,6 +74,18 @@ def score_only_paths(output_dir, task_type, task, predictions) -> RunPaths:
     (gpu_coco_rst.json and npu_coco_rst.json) apart.
       <output_dir>/results/predictions/<task_type>_test/<task>/<predictions stem>/<task>_result.csv"""
     return _paths(output_dir, Path(SCORE_ONLY, f"{task_type}_test", task, Path(predictions).stem), task)
+
+
+ENDPOINT = "openai"  # the folder of runs against an OpenAI-compatible endpoint, where a run has NPU/GPU/CPU
+
+
+def endpoint_paths(output_dir, task_type, task, served_model: str) -> RunPaths:
+    """A run against an endpoint (--backend openai): no device, dtype, model type, batch size or tp of this
+    machine played a part, so the path names none; the served model's name does (made one safe folder
+    name: vLLM serves a model under its path, e.g. /models/qwen-vl -> models_qwen-vl).
+      <output_dir>/results/openai/<task_type>_test/<task>/<served model>/<task>_result.csv"""
+    folder = re.sub(r"[^\w.-]+", "_", served_model).strip("._") or "model"
+    return _paths(output_dir, Path(ENDPOINT, f"{task_type}_test", task, folder), task)
 
 
 def _paths(output_dir, rel: Path, stem: str) -> RunPaths:

@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .backends.base import Backend, Generation, Request, backend_class, check_model_path, create_backend
-from .config import ModelConfig, TaskConfig, notices, to_dict
+from .config import TRANSPORT_KEYS, ModelConfig, TaskConfig, notices, to_dict
 from .errors import EXIT_BAD_INPUT, EXIT_TOO_MANY_ERRORS, ModelTestError
 from .output import (
     CSV_COLUMNS,
@@ -32,6 +32,7 @@ from .output import (
     atomic_write,
     dataset_fingerprint,
     device_family,
+    endpoint_paths,
     predictions_family,
     probe_writable,
     read_samples,
@@ -45,6 +46,7 @@ from .stats import Uncertainty
 from .tasks import Sample, Task, get_task
 
 PREDICTIONS_MODEL_NAME = "predictions"
+ENDPOINT_FAMILY = "OPENAI"  # an endpoint's runs, where a run has NPU/GPU/CPU (coco_caption: openai_coco_rst.json)
 REFRESH_S = 30.0  # the results CSV and JSON are rewritten at most this often while a run goes
 # need_logits: the output distributions of the first LOGITS_TOKENS tokens of the first LOGITS_SAMPLES samples
 # (dataset order, the same in every run) are kept, float32, for `modeltest compare --logits`
@@ -115,8 +117,13 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
     if task_cfg.need_logits and backend_name != "engine":
         raise ModelTestError(f"need_logits: true needs the engine backend (the {backend_name} backend returns no "
                              "output distributions); set need_logits: false or use --backend engine")  # fmt: skip
+    # an endpoint (--backend openai): no model folder, no device here; its check names the served model
+    remote = predictions is None and backend_class(backend_name).remote
     if backend is None:
-        check_model_path(model_cfg)  # before anything is written or loaded
+        if remote:  # before anything is written: the endpoint answers, with this key, and serves the model
+            backend_class(backend_name).check(model_cfg, lay.tp)
+        else:
+            check_model_path(model_cfg)  # before anything is written or loaded
         if lay.tp > 1 and not backend_class(backend_name).supports_tp:
             raise ModelTestError(f"the {backend_name} backend does not run tensor parallel (--tp {lay.tp}): use "
                                  f"--backend engine, or --dp {lay.world} for a copy of the model per device")  # fmt: skip
@@ -125,6 +132,9 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
     if predictions is not None:  # score-only: no device or dtype made these answers here; none is claimed
         device, family, dtype = None, predictions_family(opts.predictions), None
         paths = score_only_paths(opts.output_dir, task_cfg.task_type, task_cfg.task_name, opts.predictions)
+    elif remote:  # the endpoint's device and dtype are not this machine's to name; its URL and model are
+        device, family, dtype = None, ENDPOINT_FAMILY, None
+        paths = endpoint_paths(opts.output_dir, task_cfg.task_type, task_cfg.task_name, model_cfg.served_model)
     else:
         device, family = _device(backend_name, opts.device, backend, lay)
         dtype = defaults.data_type
@@ -136,15 +146,17 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
         "model": to_dict(model_cfg) if model_cfg and predictions is None else None,
         "task": task_fingerprint,
         "backend": backend_name,
-        "device": family,
+        "device": None if remote else family,
         "max_new_tokens": task.max_new_tokens,
         "predictions": _file_digest(opts.predictions) if opts.predictions else None,
     }
+    if remote:  # (api_key is never in to_dict's output)
+        fingerprint["endpoint"] = {"base_url": model_cfg.base_url, "served_model": model_cfg.served_model}
     if opts.check_only:
-        return _check_only(task, model_cfg, backend_name, backend, paths, fingerprint, family, opts, lay)
+        return _check_only(task, model_cfg, backend_name, backend, paths, fingerprint, family, opts, lay, remote)
 
     init(lay)
-    lock = None
+    lock, created = None, None
     try:
         if lay.main:  # rank 0 decides what is left to do; the others learn it from it
             try:
@@ -168,7 +180,8 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
             for key, value in (model_cfg.env or {}).items():
                 os.environ[key] = value
             t0 = time.perf_counter()
-            backend = create_backend(backend_name, model_cfg, device, lay.tp, opts.batch_size, opts.progress)
+            backend = created = create_backend(backend_name, model_cfg, device, lay.tp, opts.batch_size,
+                                               opts.progress)  # fmt: skip
             load_time = time.perf_counter() - t0
 
         records = {s.id: done[s.id] for s in samples if s.id in done} if lay.main else {}
@@ -199,15 +212,19 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
         _after(result, opts)
         return result
     finally:
+        if created is not None:  # (an interrupted openai backend stops its requests in flight)
+            created.close()
         if lock:
             lock.release()
 
 
-def _check_only(task, model_cfg, backend_name, backend, paths, fingerprint, family, opts, lay) -> RunResult:
+def _check_only(task, model_cfg, backend_name, backend, paths, fingerprint, family, opts, lay,
+                checked: bool) -> RunResult:  # fmt: skip
     """--check_only (mm_run.sh's pre-flight before torchrun): every check a run makes before loading —
-    the backend's own (the model splits --tp ways), the output folder's lock, a resumed folder's
-    configuration, the task's outputs — then nothing is loaded and nothing is written."""
-    if backend is None:
+    the backend's own (the model splits --tp ways; an endpoint's, `checked` already), the output
+    folder's lock, a resumed folder's configuration, the task's outputs — then nothing is loaded and
+    nothing is written."""
+    if backend is None and not checked:
         backend_class(backend_name).check(model_cfg, lay.tp)
     _check_writable(paths, dry=True)
     RunLock(paths.debug_dir).probe()
@@ -289,7 +306,8 @@ def _resume(paths: RunPaths, fingerprint: dict, overwrite: bool, dry: bool = Fal
         records.update(extra)
     if paths.run_config.exists() and records:
         old, new = _flatten(_read_run_config(paths.run_config)), _flatten(json.loads(json.dumps(fingerprint)))
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        changed = sorted(k for k in old.keys() | new.keys()
+                         if old.get(k) != new.get(k) and k.removeprefix("model.") not in TRANSPORT_KEYS)  # fmt: skip
         if changed:
             shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
             raise ModelTestError(
@@ -440,6 +458,9 @@ def _record(task: Task, sample: Sample, gen: Generation) -> dict:
         "e2e_time": gen.e2e_time,
         # need_truncate_input: the prompt tokens cut from the left to fit requested_max_input_length
         **({"input_truncated": gen.extra["input_truncated"]} if gen.extra.get("input_truncated") else {}),
+        **({"ttft_s": gen.extra["ttft_s"]} if gen.extra.get("ttft_s") is not None else {}),
+        # an endpoint that sent no usage: input_tokens / output_tokens are null, not guessed
+        **({"usage_reported": False} if gen.extra.get("usage_reported") is False else {}),
         **task.record_fields(prediction),
     }
 
@@ -559,6 +580,7 @@ def _write_results(task: Task, records: list[dict], paths: RunPaths, opts: RunOp
                   "ci95": list(u.ci95) if u else None} for r, u in zip(rows, spread, strict=True)],
         "device": device,
         "dtype": dtype,
+        **({"endpoint": fingerprint["endpoint"]} if "endpoint" in fingerprint else {}),  # base_url, served model
         "batch_size": opts.batch_size,
         "tp": lay.tp,
         "dp": lay.dp,

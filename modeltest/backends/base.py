@@ -45,8 +45,8 @@ class Request:
 class Generation:
     text: str = ""
     prompt: str | None = None
-    input_tokens: int = 0
-    output_tokens: int = 0
+    input_tokens: int | None = 0  # None: not known (an endpoint that reports no usage)
+    output_tokens: int | None = 0
     e2e_time: float = 0.0
     error: str | None = None
     extra: dict = field(default_factory=dict)
@@ -62,6 +62,9 @@ class Backend(ABC):
     # True: generate(requests, on_result=f) calls f(index, generation) as each request finishes,
     # so the runner saves it at once instead of after the whole call
     streams: bool = False
+    # True: a server elsewhere runs the model (no model folder, no device of this machine); check() is then
+    # also every run's pre-flight, and names the served model the run's paths need
+    remote: bool = False
 
     @abstractmethod
     def generate(self, requests: list[Request]) -> list[Generation]:
@@ -189,7 +192,7 @@ def render_qwen_prompt(parts: list[dict], list_format: bool = False) -> str:
     return "".join(out)
 
 
-BACKENDS = ("engine", "hf")
+BACKENDS = ("engine", "hf", "openai")
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -204,6 +207,10 @@ def backend_class(name: str) -> type[Backend]:
         from .engine import EngineBackend
 
         return EngineBackend
+    if name == "openai":
+        from .openai import OpenAIBackend
+
+        return OpenAIBackend
     raise unknown_name("backend", name, BACKENDS)
 
 
@@ -211,7 +218,10 @@ def create_backend(name: str, model_cfg, device: str | None, tp: int = 1, batch_
                    progress: bool = True) -> Backend:  # fmt: skip
     """Build the named backend for `model_cfg` (loads the model; `progress`: its loading bar).
     `batch_size` is the run's --batch_size: the engine runs that many sequences at once (the seed's
-    meaning); the hf backend gets that many requests per call from the runner."""
+    meaning); the hf backend gets that many requests per call from the runner. The openai backend loads
+    nothing: an endpoint runs the model (num_concurrent requests in flight)."""
+    if name == "openai":
+        return backend_class(name)(model_cfg)
     if name == "hf":
         return backend_class(name)(model_cfg, device=device, tp=tp, progress=progress)
     return backend_class(name)(model_cfg, device=device, tp=tp, batch_size=batch_size, progress=progress)
