@@ -100,7 +100,7 @@ class Server:
 
     def metrics(self) -> dict[str, float]:
         """The server's metrics, by name and labels as written (one scrape)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        text = httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).text
         return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                 for line in text.splitlines() if line and not line.startswith("#")}  # fmt: skip
 
@@ -267,7 +267,10 @@ def test_a_seed_makes_sampling_reproducible_and_a_stop_string_cuts_the_text(serv
 def test_models_health_and_metrics(server):
     models = server.client().models.list()
     assert [m.id for m in models.data] == [MODEL] and models.data[0].object == "model"
-    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200  # open, like /metrics
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(f"{server.url}/health", headers=auth, timeout=30).status_code == 200
+    for route in ("/health", "/metrics"):  # with --api-key every route needs it
+        assert httpx.get(f"{server.url}{route}", timeout=30).status_code == 401, route
     server.client().completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=0)
     names = {key.partition("{")[0] for key in server.metrics()}
     for name in ("engine:num_requests_running", "engine:num_requests_waiting", "engine:kv_cache_usage_perc",

@@ -5,7 +5,8 @@
 Every error is OpenAI's error body with its status: 400 for anything wrong in the request (pydantic's
 validation errors included, instead of FastAPI's 422; bad or oversized images; a prompt too long for
 max_model_len, which the engine refuses when the request is added), 401 for a missing or wrong API
-key on /v1/ routes (/health and /metrics stay open for probes and scrapers, as in vLLM), 404 for an
+key on any route when the server has one (/health and /metrics too: vLLM leaves them open, this
+server does not — probes and scrapers send the header like any client), 404 for an
 unknown model name or route, 503 with Retry-After when the waiting queue is full. A 500 means a bug.
 
 A request is handed to the engine thread and answered from its DELTA outputs: streamed as server-sent
@@ -149,13 +150,13 @@ class EventStream(StreamingResponse):
 
 
 class APIKeyMiddleware:
-    """Every /v1/ request needs `Authorization: Bearer <key>` (pure ASGI, so streams pass untouched)."""
+    """Every request needs `Authorization: Bearer <key>` (pure ASGI, so streams pass untouched)."""
 
     def __init__(self, app, api_key: str):
         self.app, self.key = app, api_key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http":
             auth = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, given = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
@@ -248,12 +249,9 @@ def create_app(state: ServeState) -> FastAPI:
         events = await _start(worker, reply.id, prompt, sampling)
         if body.stream:
             return EventStream(_chat_events(worker, reply, events, body.include_usage, logprobs))
-        try:
-            done = await _gather(request, events)
-        except _ClientGone:
+        done = await _whole(worker, request, reply.id, events)
+        if done is None:
             return Response(status_code=499)  # nobody is there to read it
-        finally:
-            worker.release(reply.id)
         return chat_response(reply, done.text, done.finish_reason, logprobs(done), _usage(done))
 
     @app.post("/v1/completions")
@@ -273,12 +271,9 @@ def create_app(state: ServeState) -> FastAPI:
         events = await _start(worker, reply.id, prompt, sampling)
         if body.stream:
             return EventStream(_completion_events(worker, reply, events, body.include_usage, logprobs))
-        try:
-            done = await _gather(request, events)
-        except _ClientGone:
-            return Response(status_code=499)
-        finally:
-            worker.release(reply.id)
+        done = await _whole(worker, request, reply.id, events)
+        if done is None:
+            return Response(status_code=499)  # nobody is there to read it
         return completion_response(reply, done.text, done.finish_reason, logprobs(done), _usage(done))
 
     return app
@@ -315,6 +310,17 @@ async def _gather(request: Request, events: asyncio.Queue) -> RequestOutput:
         gone.cancel()
     whole = replace(last.outputs[0], text="".join(texts), token_ids=token_ids, logprobs=entries or None)
     return replace(last, outputs=[whole])
+
+
+async def _whole(worker: EngineWorker, request: Request, request_id: str, events: asyncio.Queue) -> RequestOutput | None:
+    """A non-streaming answer: the request's whole output, or None when its client went away first
+    (either way the request is released: aborted if it has not finished)."""
+    try:
+        return await _gather(request, events)
+    except _ClientGone:
+        return None
+    finally:
+        worker.release(request_id)
 
 
 def _usage(out: RequestOutput) -> dict:

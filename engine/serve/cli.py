@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed once listening)")
     g.add_argument("--api-key", default=os.environ.get("MODELTEST_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on /v1/ routes (default: $MODELTEST_API_KEY)")
+                   help="require `Authorization: Bearer KEY` on every route (default: $MODELTEST_API_KEY)")
     g.add_argument("--served-model-name", nargs="+", metavar="NAME",
                    help="model name(s) clients use (default: MODEL as given)")
     g.add_argument("--chat-template", choices=("auto", "chatml", "raw"), default="auto",

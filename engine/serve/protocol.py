@@ -192,44 +192,41 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
 
+def _reply(r: Reply, obj: str, choices: list, **fields) -> dict:
+    """OpenAI's envelope around a response's or chunk's choices (id, object, created, model)."""
+    return {"id": r.id, "object": obj, "created": r.created, "model": r.model, "choices": choices, **fields}
+
+
+def _chunk_usage(with_usage: bool) -> dict:
+    return {"usage": None} if with_usage else {}  # OpenAI: null on every chunk but the last with include_usage
+
+
 def chat_response(r: Reply, text: str, finish_reason: str | None, logprobs: dict | None, use: dict) -> dict:
-    return {
-        "id": r.id, "object": "chat.completion", "created": r.created, "model": r.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": logprobs, "finish_reason": finish_reason}],
-        "usage": use,
-    }  # fmt: skip
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+              "finish_reason": finish_reason}  # fmt: skip
+    return _reply(r, "chat.completion", [choice], usage=use)
 
 
 def chat_chunk(r: Reply, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None,
                with_usage: bool = False) -> dict:  # fmt: skip
-    chunk = {"id": r.id, "object": "chat.completion.chunk", "created": r.created, "model": r.model,
-             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}  # fmt: skip
-    if with_usage:
-        chunk["usage"] = None  # OpenAI: null on every chunk but the last when include_usage is set
-    return chunk
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    return _reply(r, "chat.completion.chunk", [choice], **_chunk_usage(with_usage))
 
 
 def completion_response(r: Reply, text: str, finish_reason: str | None, logprobs: dict | None, use: dict) -> dict:
-    return {
-        "id": r.id, "object": "text_completion", "created": r.created, "model": r.model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-        "usage": use,
-    }  # fmt: skip
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    return _reply(r, "text_completion", [choice], usage=use)
 
 
 def completion_chunk(r: Reply, text: str, finish_reason: str | None = None, logprobs: dict | None = None,
                      with_usage: bool = False) -> dict:  # fmt: skip
-    chunk = {"id": r.id, "object": "text_completion", "created": r.created, "model": r.model,
-             "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}  # fmt: skip
-    if with_usage:
-        chunk["usage"] = None
-    return chunk
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    return _reply(r, "text_completion", [choice], **_chunk_usage(with_usage))
 
 
 def usage_chunk(r: Reply, obj: str, use: dict) -> dict:
     """The last chunk of a stream with include_usage: no choices, the request's usage."""
-    return {"id": r.id, "object": obj, "created": r.created, "model": r.model, "choices": [], "usage": use}
+    return _reply(r, obj, [], usage=use)
 
 
 def sse(obj: dict | str) -> bytes:
