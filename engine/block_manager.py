@@ -2,7 +2,8 @@
 
 A sequence's block table lists its blocks in order; token position p lives in slot
 `block_table[p // block_size] * block_size + p % block_size`. A sequence holds the blocks for the
-tokens it has in the cache plus the ones the next step writes; `allocate` grows its table to that,
+tokens it has in the cache plus the ones the next step writes (with chunked prefill, only up to the
+end of the prompt chunk it computes next: `seq.step_end`); `allocate` grows its table to that,
 `free` gives them back (finished or preempted).
 
 Prefix caching: a block that is full is registered under a key of its content and of everything
@@ -90,10 +91,10 @@ class BlockManager:
 
     def _plan(self, seq: Sequence) -> tuple[list[int], int]:
         """(cached blocks `seq` would start from, free blocks it would take) so that all its tokens
-        (the next step's included) have a slot."""
+        up to the next step's end (`seq.step_end`: all of them, or a prompt chunk's) have a slot."""
         matched = self._match(seq)
         reused_free = sum(1 for b in matched if self.ref_count[b] == 0)
-        need = blocks_for(seq.num_tokens, self.block_size) - len(seq.block_table) - len(matched)
+        need = blocks_for(seq.step_end, self.block_size) - len(seq.block_table) - len(matched)
         return matched, max(0, need) + reused_free
 
     def missing(self, seq: Sequence) -> int:
@@ -115,7 +116,7 @@ class BlockManager:
             seq.num_cached = len(matched) * self.block_size
             seq.num_registered = len(matched)  # found by their keys: registered already
             self.hit_tokens += seq.num_cached
-        while len(seq.block_table) < blocks_for(seq.num_tokens, self.block_size):
+        while len(seq.block_table) < blocks_for(seq.step_end, self.block_size):
             block, _ = self.free_blocks.popitem(last=False)
             old = self.block_key.pop(block, None)
             if old is not None and self.cached.get(old) == block:

@@ -49,6 +49,8 @@ class EngineConfig:
     reserved_memory_gb: float = 0.0  # kept back from that (the seed's RESERVED_MEMORY_GB)
     image_cache_gb: float = 0.5  # vision features kept per distinct image (0 disables)
     enable_prefix_caching: bool = True  # reuse full KV blocks whose content (tokens, images) matches
+    # a step's max_prefill_tokens budget covers decodes and prefills; longer prompts go in chunks
+    enable_chunked_prefill: bool = True
     attention_backend: str | None = None
 
     def __post_init__(self):
@@ -70,6 +72,15 @@ class EngineConfig:
             raise EngineError(f"reserved_memory_gb (RESERVED_MEMORY_GB) must be >= 0, got {self.reserved_memory_gb!r}")
         if self.max_prefill_tokens is None:
             self.max_prefill_tokens = max(self.max_model_len, 8192)
+        if not isinstance(self.enable_chunked_prefill, bool):
+            raise EngineError(f"enable_chunked_prefill must be true or false, got {self.enable_chunked_prefill!r}")
+        if self.enable_chunked_prefill and self.max_prefill_tokens < self.max_batch_size:
+            # else the running decodes could take the whole budget and a prompt would never advance
+            raise EngineError(
+                f"max_num_batched_tokens (max_prefill_tokens) {self.max_prefill_tokens} is smaller than "
+                f"max_num_seqs (max_batch_size) {self.max_batch_size}: with chunked prefill a step's token "
+                "budget must hold one decode per running sequence; raise it or set enable_chunked_prefill=False"
+            )
 
 
 DEFAULT_MAX_BATCH_SIZE = 16
@@ -87,9 +98,13 @@ SYNONYMS = {
 class EngineArgs:
     """Everything `LLM(...)` and `LLMEngine.from_engine_args` take. vLLM's names work as synonyms:
     max_num_seqs = max_batch_size, gpu_memory_utilization = memory_fraction, max_num_batched_tokens =
-    max_prefill_tokens. tensor_parallel_size > 1 runs under torchrun, one process per device
-    (engine/distributed.py). trust_remote_code is accepted for compatibility and changes nothing: the
-    engine never imports or runs code from a model folder."""
+    max_prefill_tokens. enable_chunked_prefill (on by default, as in vLLM v1): a step's
+    max_prefill_tokens budget is shared by the running decodes (first) and the prefills, and a prompt
+    longer than what is left is prefilled a chunk per step, so long prompts do not stall running
+    decodes; False: the budget counts prompt tokens only and a prompt is computed in one step.
+    tensor_parallel_size > 1 runs under torchrun, one process per device (engine/distributed.py).
+    trust_remote_code is accepted for compatibility and changes nothing: the engine never imports or
+    runs code from a model folder."""
 
     model: str | Path
     dtype: str | torch.dtype = "auto"
@@ -106,6 +121,7 @@ class EngineArgs:
     warmup_images: list[str] | None = None  # the warm-up's images (the seed's warm_up_image_path); None: blank
     image_cache_gb: float = 0.5
     enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
     attention_backend: str | None = None
     seed: int = 0
     progress: bool = True
@@ -146,6 +162,7 @@ class EngineArgs:
             reserved_memory_gb=env_knob("RESERVED_MEMORY_GB", self.reserved_memory_gb, 0.0),
             image_cache_gb=self.image_cache_gb,
             enable_prefix_caching=self.enable_prefix_caching,
+            enable_chunked_prefill=self.enable_chunked_prefill,
             attention_backend=self.attention_backend,
         )
 

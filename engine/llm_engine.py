@@ -11,7 +11,8 @@ Building it reads config.json, finds the model family in the registry, builds th
 device, loads the checkpoint's tensors into place and sizes the paged KV cache (engine/kv_sizing.py).
 A request is rendered and checked when it is added (a bad one raises EngineError and is not queued);
 its images are read then. Each step: the scheduler picks the batch, the model runner runs it, the
-sampler picks one token per sequence, and each sequence's text grows by that token's (stop strings
+sampler picks one token per sequence (but for those that computed a prompt chunk short of its end:
+chunked prefill), and each sequence's text grows by that token's (stop strings
 and end tokens checked on the new text only).
 """
 
@@ -115,7 +116,8 @@ class LLMEngine:
 
         c.num_blocks = size_kv_cache(c, family, self.model, args.warmup, self.parallel, warmup_images)
         self.block_manager = BlockManager(c.num_blocks, c.block_size, c.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, c.max_batch_size, c.max_prefill_tokens)
+        self.scheduler = Scheduler(self.block_manager, c.max_batch_size, c.max_prefill_tokens,
+                                   chunked_prefill=c.enable_chunked_prefill)  # fmt: skip
         self.runner = ModelRunner(self.model, spec, self.block_manager, c.dtype, device, c.attention_backend,
                                   image_cache_bytes=int(c.image_cache_gb * (1 << 30)))  # fmt: skip
         self.sampler = Sampler(args.seed)
@@ -223,7 +225,14 @@ class LLMEngine:
         if not self.requests:
             return []
         seqs = self.scheduler.schedule()
+        if not seqs:  # everything running was preempted this step
+            return []
         logits = self.runner.run(seqs)  # [seqs, vocab] fp32
+        done = [i for i, seq in enumerate(seqs) if seq.chunk_end is None]  # not mid-prompt: they sample
+        if len(done) < len(seqs):
+            logits, seqs = logits[done], [seqs[i] for i in done]
+            if not seqs:
+                return []
         sampled = self.sampler(logits, seqs)
         stamp = now(self.config.device)  # after the device finished the step: true TTFT / token times
         outputs = []

@@ -2,8 +2,9 @@
 the logits of each sequence's last position.
 
 Packing: the new tokens of all sequences in the step — a whole prompt for a sequence being
-prefilled (or recomputed after a preemption), one token for a decoding one — go along one dimension
-([tokens]). Positions, the sequence row of every token, KV-cache slots (through each sequence's
+prefilled (or recomputed after a preemption), or one chunk of it with chunked prefill (attending to
+the earlier chunks' K/V in the cache, as after a prefix-cache hit), one token for a decoding one —
+go along one dimension ([tokens]). Positions, the sequence row of every token, KV-cache slots (through each sequence's
 block table) and the rows whose logits are sampled are computed for the whole batch with a few
 array operations on the host, then copied to the device once per tensor (from pinned memory on
 accelerators). The model family derives what its layers need from them once per step
@@ -80,10 +81,11 @@ class ModelRunner:
         return t.to(self.device, non_blocking=self.pin)
 
     def prepare(self, seqs: list[Sequence], all_rows: bool = False) -> StepInputs:
-        """The packed inputs of one step: each sequence computes its tokens from `num_cached` on."""
+        """The packed inputs of one step: each sequence computes its tokens from `num_cached` to
+        `step_end` (the end of its prompt chunk with chunked prefill, else all of them)."""
         n = len(seqs)
         starts = np.fromiter((s.num_cached for s in seqs), dtype=np.int64, count=n)
-        ends = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=n)
+        ends = np.fromiter((s.step_end for s in seqs), dtype=np.int64, count=n)
         qlens = ends - starts
         total = int(qlens.sum())
         if total == n:  # every sequence decodes one token
@@ -112,9 +114,9 @@ class ModelRunner:
             if not s.images or qlens[i] == 1 and s.num_cached >= s.images[-1].start + s.images[-1].length:
                 continue
             start, shift = int(starts[i]), int(offsets[i] - starts[i])  # packed row = position + shift
-            for image in s.images:
-                first, end = max(image.start, start), image.start + image.length
-                if first < end:  # a cached prefix may hold the span's first slots already
+            for image in s.images:  # a cached prefix may hold the span's first slots already
+                first, end = max(image.start, start), min(image.start + image.length, int(ends[i]))
+                if first < end:  # (a prompt chunk ends before the spans that come after it)
                     images.append(image)
                     pieces.append((first + shift, features + first - image.start, end - first))
                     features += image.length
@@ -141,7 +143,8 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], all_rows: bool = False) -> torch.Tensor:
         """fp32 logits [len(seqs), vocab] for the last position of each sequence (with `all_rows`:
         [new tokens, vocab], every position this step computes, in packing order). Each sequence
-        computes its tokens from `num_cached` on; its block table must cover them."""
+        computes its tokens from `num_cached` to `step_end`; its block table must cover them. The row
+        of a sequence that computed a prompt chunk short of its end is not to be sampled."""
         step = self.prepare(seqs, all_rows)
         return self.execute(step, seqs)
 

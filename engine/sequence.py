@@ -40,6 +40,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_keys: list[bytes] = field(default_factory=list)  # content keys of its full blocks (prefix cache)
     num_cached: int = 0  # tokens whose K/V are in the cache
+    # chunked prefill: the next step computes tokens [num_cached, chunk_end) only, and samples nothing;
+    # None: it computes up to num_tokens (the whole rest of the prompt, or the one decode token)
+    chunk_end: int | None = None
     num_registered: int = 0  # leading full blocks already registered in the prefix cache
     num_preemptions: int = 0
     status: Status = Status.WAITING
@@ -56,6 +59,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def step_end(self) -> int:
+        """Tokens in the cache once the next step has run (its blocks must cover them)."""
+        return self.num_tokens if self.chunk_end is None else self.chunk_end
 
     @property
     def last_token_id(self) -> int:

@@ -581,3 +581,20 @@ def test_bad_flags_and_model_folders_are_one_line_and_exit_2(tmp_path, capsys):
     assert err == f"engine.serve: error: model folder not found: {tmp_path / 'missing'}\n"
     assert cli.main([str(tmp_path), "--limit-mm-per-prompt", "3"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("flag", "chunked"), [([], True), (["--no-enable-chunked-prefill"], False)])
+def test_engine_flags_reach_the_engine_args(qwen_vl_ckpt, monkeypatch, flag, chunked):
+    """vLLM's engine flags are EngineArgs (here --[no-]enable-chunked-prefill), before any weight loads."""
+    from engine.llm_engine import LLMEngine
+
+    class Built(Exception):
+        pass
+
+    def capture(args):
+        raise Built(args)
+
+    monkeypatch.setattr(LLMEngine, "from_engine_args", staticmethod(capture))
+    with pytest.raises(Built) as e:
+        cli.main([str(qwen_vl_ckpt), "--port", "0", *flag])
+    assert e.value.args[0].enable_chunked_prefill is chunked
