@@ -16,7 +16,7 @@ EPILOG = """\
 commands (each has its own --help):
   modeltest selftest    check that this install works end to end: a tiny random model on CPU, nothing
                         downloaded
-  modeltest compare     is a candidate run as accurate as its baseline? (PASS/FAIL verdict)
+  modeltest compare     is a candidate run as accurate (or as fast) as its baseline? (PASS/FAIL verdict)
   modeltest history     list, plot or report the runs recorded in a --history database
 
 exit codes:
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "relative to the image folder")  # fmt: skip
     p.add_argument("--annotations_path", help="coco_caption: COCO caption annotations (captions_val2014.json) "
                    "to score with BLEU-4, METEOR, ROUGE-L and CIDEr")  # fmt: skip
-    p.add_argument("--batch_size", type=int, default=1, help="requests per backend call (default 1)")
+    p.add_argument("--batch_size", type=int, help="requests per backend call (default 1); task_type performance: "
+                   "the one batch size to measure, instead of the task config's batch_size list")  # fmt: skip
     p.add_argument("--limit", type=int, help="evaluate only N samples (textvqa: the first N; coco_caption: "
                    "N drawn at random with --seed)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="the random draw of --limit samples, where a task draws (default 0)")
@@ -107,6 +108,8 @@ def run_cli(argv: list[str] | None = None) -> int:
         task_cfg.image_list = args.image_list
     if args.annotations_path:
         task_cfg.annotations_path = args.annotations_path
+    if args.batch_size is not None and task_cfg.task_type == "performance":
+        task_cfg.batch_size = [args.batch_size]  # the flag overrides the YAML, as every flag does
     model_cfg = None
     if args.model_config_path:
         model_cfg = load_model_config(args.model_config_path)
@@ -123,7 +126,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         output_dir=args.output_dir,
         backend=args.backend,
         device=args.device,
-        batch_size=args.batch_size,
+        batch_size=1 if args.batch_size is None else args.batch_size,
         tp=args.tp,
         dp=args.dp,
         check_only=args.check_only,

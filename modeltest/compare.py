@@ -15,6 +15,12 @@ the share whose prediction text changed at all, and the most regressed samples. 
 the drop (in the metric's direction) is more than --max_drop; with --gate stat, only when the drop is
 also significant at --alpha. Exit codes: 0 PASS, 1 FAIL, 2 bad input.
 
+Performance runs (task_type performance: one result JSON per batch size, task <task>_batch<bs>) have
+no per-sample scores: each case's first token, non-first token and total time is gated against the
+baseline's with a relative tolerance - FAIL when any is more than --max_slowdown slower (default 0.1:
+10%), or a case the baseline ran is missing or failed in the candidate; performance_maxbs runs, when a
+case's largest batch size under the limit drops by more than that share.
+
 Writes compare.json and compare.csv (one row per sample whose prediction or score changed) to
 --output (default: the candidate's folder).
 """
@@ -58,9 +64,12 @@ class TaskRun:
 
 def higher_is_better(metric: str) -> bool:
     """As the metric declares it (the corpus metrics and clip_score, outside the registry, are all
-    higher-is-better)."""
+    higher-is-better; a performance figure as metrics/latency.py says)."""
     from .metrics import available_metrics, get_metric
+    from .metrics.latency import FIGURES
 
+    if metric in FIGURES:
+        return FIGURES[metric]
     return get_metric(metric).higher_is_better if metric in available_metrics() else True
 
 
@@ -106,6 +115,8 @@ def load_result(path: Path) -> TaskRun:
     summary = _read_json(path)
     if "comparison" in summary or path.name.endswith("_clip_score.json"):
         return _load_clip(path, summary)
+    if _is_performance(summary):
+        return _load_performance(path, summary)
     for key in ("task", "metric"):
         if key not in summary:
             raise ModelTestError(f"{path}: not a modeltest result JSON (no {key!r})")
@@ -137,6 +148,28 @@ def _load_clip(path: Path, summary: dict) -> TaskRun:
             raise ModelTestError(f"{table}:{line}: not a clip_score row (columns image, caption, cos; cos a number): "
                                  f"{dict(row)!r:.120}") from None  # fmt: skip
     return TaskRun("clip_score", "clip_score", True, path, records, summary)
+
+
+def _is_performance(summary: dict) -> bool:
+    return str(summary.get("kind") or "").startswith("performance")
+
+
+def _case_key(case: dict) -> str:
+    batch = f"batch {case['batch_size']}, " if "batch_size" in case else ""
+    return f"{batch}{case['input_len']} in / {case['output_len']} out"
+
+
+def _load_performance(path: Path, summary: dict) -> TaskRun:
+    """A performance run's result JSON: its cases (by batch size and token counts) stand for samples."""
+    cases = summary.get("cases")
+    if not isinstance(cases, list) or not all(isinstance(c, dict) and "input_len" in c for c in cases):
+        raise ModelTestError(f"{path}: a performance result JSON without its cases")
+    if summary.get("complete") is False:
+        raise ModelTestError(f"{path}: the run has not finished (\"complete\": false); rerun its command to finish "
+                             "it, then compare")  # fmt: skip
+    metric = str(summary.get("metric"))
+    return TaskRun(str(summary.get("task")), metric, higher_is_better(metric), path,
+                   {_case_key(c): c for c in cases}, summary)  # fmt: skip
 
 
 def load_runs(path: str | Path) -> dict[str, TaskRun]:
@@ -173,6 +206,7 @@ class Options:
     allow_different: bool = False
     top: int = TOP
     logits: bool = False
+    max_slowdown: float = 0.1  # performance runs: the largest relative slowdown of a case's figure that passes
 
 
 # the seed's "simplified" logits rule
@@ -260,7 +294,63 @@ def _differences(base: TaskRun, cand: TaskRun) -> list[str]:
     return out
 
 
+def compare_performance(base: TaskRun, cand: TaskRun, opts: Options) -> dict:
+    """Two performance runs, case by case: each gated figure's relative slowdown against --max_slowdown.
+    A case the baseline ran that the candidate lacks or failed FAILs; one the baseline failed is not
+    compared. Runs of other cases, batch sizes or hardware (the fingerprint) are refused unless
+    --allow_different."""
+    from .metrics.latency import GATED, slowdown
+
+    kinds = base.summary.get("kind"), cand.summary.get("kind")
+    if kinds[0] != kinds[1]:
+        raise ModelTestError(f"{base.task}: the baseline is a {kinds[0]} run, the candidate a {kinds[1]} run")
+    same = base.summary.get("dataset_fingerprint") == cand.summary.get("dataset_fingerprint")
+    if not same and not opts.allow_different:
+        raise ModelTestError(f"{base.task}: the runs measured different cases, batch sizes or hardware (device "
+                             f"{base.summary.get('device')} vs {cand.summary.get('device')}); pass --allow_different to "
+                             "compare the cases they share")  # fmt: skip
+    figures = ("max_batch_size",) if kinds[0] == "performance_maxbs" else GATED
+    rows, problems = [], []
+    for key, b in base.records.items():
+        c = cand.records.get(key)
+        if b.get("error"):
+            continue
+        if c is None or c.get("error"):
+            problems.append(f"{key}: {'missing in the candidate' if c is None else 'failed: ' + str(c['error'])}")
+            continue
+        for figure in figures:
+            if b.get(figure) is None:
+                continue
+            worse = slowdown(figure, b[figure], c[figure]) if c.get(figure) is not None else float("inf")
+            rows.append({"case": key, "figure": figure, "baseline": b[figure], "candidate": c.get(figure),
+                         "slowdown": worse, "verdict": "FAIL" if worse > opts.max_slowdown else "PASS"})  # fmt: skip
+    failed = problems or any(r["verdict"] == "FAIL" for r in rows)
+    bv, cv = base.summary.get("value"), cand.summary.get("value")
+    return {
+        "task": base.task,
+        "metric": base.metric,
+        "higher_is_better": base.higher_is_better,
+        "baseline": bv,
+        "candidate": cv,
+        "diff": None if bv is None or cv is None else cv - bv,
+        "p_value": None,
+        "n": len(base.records),
+        "cases": rows,
+        "worst_slowdown": max((r["slowdown"] for r in rows), default=None),
+        "not_compared": [*problems, *([] if same else ["the runs' cases, batch sizes or hardware differ"])],
+        "verdict": "FAIL" if failed else "PASS",
+        "max_slowdown": opts.max_slowdown,
+        "note": "performance: each case's figures against the baseline's, FAIL above --max_slowdown "
+                f"({opts.max_slowdown:.0%}) slower; no paired statistics (a performance run has no per-sample scores)",
+        "baseline_source": str(base.source),
+        "candidate_source": str(cand.source),
+        "dataset_fingerprint": cand.summary.get("dataset_fingerprint"),
+    }  # fmt: skip
+
+
 def compare_task(base: TaskRun, cand: TaskRun, opts: Options) -> dict:
+    if _is_performance(base.summary) or _is_performance(cand.summary):
+        return compare_performance(base, cand, opts)
     if base.metric != cand.metric:
         raise ModelTestError(f"{base.task}: the baseline is scored with {base.metric}, the candidate with {cand.metric}")
     evaluators = evaluator_of(base.summary), evaluator_of(cand.summary)
@@ -402,6 +492,12 @@ def print_report(result: dict, top: int) -> None:
                   f"{len(diverged)} samples diverge ({lg['rule']}): {lg['verdict']}")  # fmt: skip
         if t.get("not_compared"):
             print(f"{t['task']}: not compared: {'; '.join(t['not_compared'])}")
+        if t.get("cases"):
+            table = [[r["case"], r["figure"], num(r["baseline"]), num(r["candidate"]), f"{r['slowdown']:+.1%}",
+                      colored(r["verdict"], "green" if r["verdict"] == "PASS" else "red")] for r in t["cases"]]  # fmt: skip
+            print(f"\n{t['task']}: per case (slowdown: worse by; FAIL above {t['max_slowdown']:.0%})")
+            print(tabulate(table, headers=["case", "figure", "baseline", "candidate", "slowdown", "verdict"],
+                           tablefmt="github", disable_numparse=True))  # fmt: skip
         if t.get("top_regressed", [])[:top]:
             print(f"\n{t['task']}: most regressed samples")
             table = [[r["id"], _short(r["baseline_prediction"]), _short(r["candidate_prediction"]),
@@ -437,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate", choices=("abs", "stat"), default="abs",
                    help="abs: FAIL when the drop exceeds --max_drop; stat: only when it is also significant")  # fmt: skip
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of --gate stat (default 0.05)")
+    p.add_argument("--max_slowdown", type=float, default=0.1, help="performance runs: the largest relative slowdown "
+                   "of a case's first token, non-first token or total time that passes (default 0.1: 10%%)")  # fmt: skip
     p.add_argument("--allow_different", action="store_true", help="compare the shared samples of runs over different data")
     p.add_argument("--top", type=int, default=TOP, help=f"most regressed samples shown per task (default {TOP})")
     p.add_argument("--logits", action="store_true", help="also compare the output distributions the runs stored "
@@ -451,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ModelTestError(f"--max_drop must be a finite number >= 0, got {args.max_drop}")
     if not 0 < args.alpha < 1:
         raise ModelTestError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    if not (args.max_slowdown >= 0 and math.isfinite(args.max_slowdown)):
+        raise ModelTestError(f"--max_slowdown must be a finite number >= 0, got {args.max_slowdown}")
     single = bool(args.history or args.reference)
     if args.history and args.reference:
         raise ModelTestError("--history and --reference choose the baseline two ways: give one")
@@ -458,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         want = "one run (CANDIDATE)" if single else "two runs (BASELINE CANDIDATE)"
         raise ModelTestError(f"modeltest compare takes {want}{' with --history / --reference' if single else ''}; "
                              f"got {len(args.runs)}")  # fmt: skip
-    opts = Options(args.max_drop, args.gate, args.alpha, args.allow_different, args.top, args.logits)
+    opts = Options(args.max_drop, args.gate, args.alpha, args.allow_different, args.top, args.logits,
+                   args.max_slowdown)  # fmt: skip
     candidate = Path(args.runs[-1])
     if args.reference:
         result = compare_reference(args.reference, candidate, opts)

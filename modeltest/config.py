@@ -101,7 +101,7 @@ class Metadata:
 @dataclass
 class TaskConfig:
     task_name: str
-    task_type: Literal["precision", "performance"] = "precision"
+    task_type: Literal["precision", "performance", "performance_maxbs"] = "precision"
     local_dataset_path: str | None = None
     image_list: str | None = None  # coco_caption: image names, one a line, relative to the image folder
     annotations_path: str | None = None  # coco_caption: captions_val2014.json-style references (scoring only)
@@ -117,13 +117,52 @@ class TaskConfig:
     metric: MetricConfig = field(default_factory=MetricConfig)
     metadata: Metadata = field(default_factory=Metadata)
     subject_mapping: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # task_type performance / performance_maxbs (modeltest/tasks/performance.py), the seed's keys:
+    case_pair: list[list[int]] = field(default_factory=list)  # [[input tokens, output tokens], ...]
+    batch_size: list[int] = field(default_factory=list)  # performance: each; maxbs: [smallest, largest]
+    with_image: bool = True  # each request carries one 448x448 image (its span counted in the input)
+    warmup_rounds: int = 1  # unmeasured runs of each case first
+    rounds: int = 1  # measured runs of each case, averaged
+    max_non_first_token_time_ms: float | None = None  # performance_maxbs: the limit a batch size must stay under
 
     def __post_init__(self):
         _positive(self, "requested_max_input_length", "requested_max_output_length")
         if self.shots != 0:
             raise ValueError("only zero-shot evaluation is supported (shots: 0)")
-        if self.task_type == "performance":
-            raise ValueError("task_type: performance (the seed's performance task) is not built yet; use precision")
+        if self.task_type != "precision":
+            _check_performance(self)
+
+
+PERFORMANCE_TYPES = ("performance", "performance_maxbs")
+
+
+def _check_performance(cfg: TaskConfig) -> None:
+    """The performance keys of a performance task: every case a pair of positive token counts with
+    at least 2 output tokens (the non-first token figures need one), batch sizes positive, and for
+    performance_maxbs a [smallest, largest] range and a positive limit."""
+    if not cfg.case_pair:
+        raise ValueError(f"task_type: {cfg.task_type} needs case_pair: a list of [input tokens, output tokens], "
+                         "e.g. [[256, 256], [1024, 1024]]")  # fmt: skip
+    for pair in cfg.case_pair:
+        if len(pair) != 2 or pair[0] < 1 or pair[1] < 2:
+            raise ValueError(f"case_pair: {pair!r} is not [input tokens >= 1, output tokens >= 2] (the non-first "
+                             "token figures need at least 2 output tokens)")  # fmt: skip
+    if len({tuple(p) for p in cfg.case_pair}) != len(cfg.case_pair):
+        raise ValueError(f"case_pair: {cfg.case_pair!r} lists a case twice")
+    if any(b < 1 for b in cfg.batch_size):
+        raise ValueError(f"batch_size: {cfg.batch_size!r}: every batch size must be a positive integer")
+    if len(set(cfg.batch_size)) != len(cfg.batch_size):
+        raise ValueError(f"batch_size: {cfg.batch_size!r} lists a batch size twice")
+    if cfg.warmup_rounds < 0:
+        raise ValueError(f"warmup_rounds must be >= 0, got {cfg.warmup_rounds!r}")
+    _positive(cfg, "rounds")
+    if cfg.task_type == "performance_maxbs":
+        if len(cfg.batch_size) != 2 or cfg.batch_size[0] >= cfg.batch_size[1]:
+            raise ValueError(f"batch_size: {cfg.batch_size!r}: performance_maxbs searches a range, [smallest, "
+                             "largest] with smallest < largest, e.g. [1, 256]")  # fmt: skip
+        if cfg.max_non_first_token_time_ms is None or not cfg.max_non_first_token_time_ms > 0:
+            raise ValueError("performance_maxbs needs max_non_first_token_time_ms: the positive limit (ms) the "
+                             "non-first token time of a batch size must stay under")  # fmt: skip
 
 
 def _positive(obj, *names: str) -> None:
@@ -427,6 +466,18 @@ def notices(model: ModelConfig | None, task: TaskConfig, backend: str) -> list[s
         value = _get(cfg, key) if cfg is not None else None
         if value not in (None, "", [], {}):
             out.append(f"{key}: {value!r} is accepted for the seed's files and ignored: {why}")
+    perf = [k for k in ("case_pair", "batch_size", "max_non_first_token_time_ms") if getattr(task, k)]
+    if task.task_type == "precision" and perf:
+        out.append(f"{', '.join(perf)}: performance keys, ignored by task_type: precision (the run's batch size is "
+                   "--batch_size)")  # fmt: skip
+    accuracy = [k for k in ("local_dataset_path", "hf_dataset_path", "image_list", "annotations_path", "prompt",
+                             "requested_max_input_length", "requested_max_output_length") if getattr(task, k)]
+    if task.task_type != "precision" and (accuracy or task.need_logits or task.need_truncate_input):
+        named = ", ".join(accuracy + [k for k in ("need_logits", "need_truncate_input") if getattr(task, k)])
+        out.append(f"{named}: accuracy keys, ignored by task_type: {task.task_type} (its prompts are made to "
+                   "case_pair's lengths)")  # fmt: skip
+    if task.task_type == "performance" and task.max_non_first_token_time_ms is not None:
+        out.append("max_non_first_token_time_ms is performance_maxbs's limit; task_type: performance ignores it")
     if task.task_name == "coco_caption" and (task.hf_dataset_path or task.hf_dataset_split):
         out.append("hf_dataset_path / hf_dataset_split: coco_caption reads a local image folder "
                    "(local_dataset_path or --dataset_path); the hub source is TextVQA's")  # fmt: skip

@@ -7,6 +7,7 @@ Layout (the seed's, with a real CSV):
       samples.jsonl   one JSON object per sample, appended and flushed as it finishes
       run_config.json what the samples were made with (a changed config is refused on resume)
       outputs_<timestamp>.txt   with --save_debug_enable: [output, model input, e2e_time] per line
+Performance runs (task_type performance / performance_maxbs): output.performance_paths.
 Score-only mode (--predictions) names no device or dtype (score_only_paths):
   <output_dir>/results/predictions/<task_type>_test/<task>/<predictions file stem>/<task>_result.csv
 An OpenAI-compatible endpoint (--backend openai) is no device here either (endpoint_paths):
@@ -66,6 +67,21 @@ def run_paths(output_dir, family, task_type, task, data_type, model, model_type,
     rel = Path(family, f"{task_type}_test", task, data_type, model)
     stem = f"{task}_{model_type}_batch{batch_size}_tp{tp}"
     return _paths(output_dir, rel, stem)
+
+
+def performance_paths(output_dir, family, task_type, task, data_type, model, model_type, tp,
+                      batch_size: int | None = None, suffix: str = "result") -> RunPaths:
+    """The seed's performance files: per batch size
+      <output_dir>/results/<NPU|GPU|CPU>/performance_test/<task>/<data_type>/<model>/
+          performance_<model_type>_batch<bs>_tp<tp>_result.csv (+ .json)
+    and for performance_maxbs (no batch size: it is the answer) performance_maxbs_<model_type>_tp<tp>_
+    <suffix>.csv, suffix round_result (every probe) or final_result."""
+    rel = Path(family, f"{task_type}_test", task, data_type, model)
+    batch = f"_batch{batch_size}" if batch_size is not None else ""
+    stem = f"{task_type}_{model_type}{batch}_tp{tp}"
+    results = Path(output_dir, "results", rel)
+    return RunPaths(results / f"{stem}_{suffix}.csv", results / f"{stem}_{suffix}.json",
+                    Path(output_dir, "debug", rel, stem))  # fmt: skip
 
 
 def score_only_paths(output_dir, task_type, task, predictions) -> RunPaths:
@@ -158,12 +174,12 @@ def write_json(path: Path, data) -> None:
     atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def write_csv(path: Path, rows: list[list]) -> None:
+def write_csv(path: Path, rows: list[list], header: list[str] = CSV_COLUMNS) -> None:
     import io
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(header)
     writer.writerows(rows)
     atomic_write(path, buf.getvalue())
 

@@ -87,7 +87,12 @@ class RunResult:
 
 def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, backend: Backend | None = None) -> RunResult:
     """Run one task. `backend` may be passed in ready-made (tests, benchmarks); otherwise it is built
-    from the model config after every input check has passed, and only if there is work left."""
+    from the model config after every input check has passed, and only if there is work left.
+    A performance task (task_type performance / performance_maxbs) is measured, not scored: its own loop."""
+    if task_cfg.task_type != "precision":
+        from .tasks.performance import run_performance
+
+        return run_performance(model_cfg, task_cfg, opts, backend)
     started = time.time()
     task: Task = get_task(task_cfg.task_name)(task_cfg, model_cfg)
     if opts.batch_size < 1:

@@ -2,8 +2,8 @@
 # The seed's command: bash scripts/mm_run.sh <task> <model> [extra modeltest flags...]
 #
 # Reads configs/task/<task>.yaml and configs/model/<model>.yaml (an unknown name lists the available
-# ones and exits 2) and writes to output/<date>/modeltest/<model>/precision_result/, or to
-# MODELTEST_OUTPUT_DIR. Tensor (TP) and data (DP) parallel, on one node or many:
+# ones and exits 2) and writes to output/<date>/modeltest/<model>/precision_result/ (a task with
+# task_type: performance or performance_maxbs: .../performance_result/), or to MODELTEST_OUTPUT_DIR. Tensor (TP) and data (DP) parallel, on one node or many:
 #
 #   processes per node  the visible devices: the comma-separated entries of ASCEND_RT_VISIBLE_DEVICES,
 #                       else of CUDA_VISIBLE_DEVICES (empty = unset); with neither, NPROC_PER_NODE
@@ -145,7 +145,9 @@ export HCCL_DETERMINISTIC="${HCCL_DETERMINISTIC:-true}"
 export LCCL_DETERMINISTIC="${LCCL_DETERMINISTIC:-1}"
 unset WORLD_SIZE RANK LOCAL_RANK LOCAL_WORLD_SIZE
 
-OUTPUT_DIR="${MODELTEST_OUTPUT_DIR:-output/$(date +%Y-%m-%d)/modeltest/$MODEL/precision_result/}"
+KIND=precision
+if grep -Eq "^task_type:[[:space:]]*[\"']?performance" "$TASK_CFG"; then KIND=performance; fi
+OUTPUT_DIR="${MODELTEST_OUTPUT_DIR:-output/$(date +%Y-%m-%d)/modeltest/$MODEL/${KIND}_result/}"
 PYTHON="${PYTHON:-python}"
 ARGS=(--model_config_path "$MODEL_CFG" --task_config_path "$TASK_CFG" --tp "$TP" --dp "$DP"
       --output_dir "$OUTPUT_DIR" ${PASS[@]+"${PASS[@]}"})

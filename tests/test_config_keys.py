@@ -9,7 +9,7 @@
 - max_position_embedding caps the engine's max_model_len; mm_model.warm_up_image_path reaches the
   engine's warm-up, and a missing one is refused before anything loads;
 - every config field is read somewhere or listed as accepted-and-ignored, and those that are set are
-  named in a one-line notice each; task_type: performance is refused;
+  named in a one-line notice each; task_type: performance runs (tests/test_performance.py has the rest);
 - --no_progress hides the weight-loading bar; --backend hf on a Qwen-VL folder says to use the engine.
 """
 
@@ -232,11 +232,16 @@ def test_backend_specific_keys_are_named_on_the_backend_that_ignores_them():
     assert len(scored) == 1 and "score-only mode" in scored[0]
 
 
-def test_task_type_performance_is_refused(tmp_path, capsys):
-    task = tmp_path / "t.yaml"
-    task.write_text("task_name: textvqa\ntask_type: performance\n")
-    assert main(["--task_config_path", str(task), "--predictions", str(tmp_path / "p.jsonl")]) == 2
-    assert "task_type: performance (the seed's performance task) is not built yet" in capsys.readouterr().err
+def test_task_type_performance_runs(qwen_vl_ckpt, tmp_path):
+    model, task = tmp_path / "model.yaml", tmp_path / "task.yaml"
+    model.write_text(yaml.safe_dump({"model_name": "tiny", "model_path": str(qwen_vl_ckpt), "data_type": "fp32",
+                                     "block_size": 16}))  # fmt: skip
+    task.write_text("task_name: synthetic\ntask_type: performance\ncase_pair: [[24, 3]]\nwith_image: false\n"
+                    "warmup_rounds: 0\n")  # fmt: skip
+    assert main(["--model_config_path", str(model), "--task_config_path", str(task), "--device", "cpu",
+                 "--output_dir", str(tmp_path / "out"), "--batch_size", "2", "--no_progress"]) == 0  # fmt: skip
+    (found,) = (tmp_path / "out").rglob("performance_pa_batch2_tp1_result.csv")  # no batch_size key: --batch_size
+    assert found.read_text().splitlines()[1].startswith("tiny,2,24,3,")
 
 
 # ---- what a new user trips over ----------------------------------------------------------------------

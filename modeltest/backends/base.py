@@ -52,6 +52,20 @@ class Generation:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class TimedBatch:
+    """A performance batch as a backend ran it (task_type performance, modeltest/tasks/performance.py).
+    Times are time.perf_counter() seconds: `submitted` just before the first request was handed over,
+    token_times[i][k] when request i's token k was ready (after the device finished the step that made
+    it)."""
+
+    submitted: float
+    input_tokens: list[int]  # per request, as the model counted them (image span included)
+    token_times: list[list[float]]
+    peak_memory_bytes: int | None = None  # the device's, during the batch (None: a CPU has no such counter)
+    engine: dict = field(default_factory=dict)  # what the scheduler did: concurrency, preemptions, cache hits
+
+
 class Backend(ABC):
     """One model on one device (or a tensor-parallel group)."""
 
@@ -65,6 +79,8 @@ class Backend(ABC):
     # True: a server elsewhere runs the model (no model folder, no device of this machine); check() is then
     # also every run's pre-flight, and names the served model the run's paths need
     remote: bool = False
+    # True: the backend runs task_type performance (image_span_tokens, run_timed)
+    times_tokens: bool = False
 
     @abstractmethod
     def generate(self, requests: list[Request]) -> list[Generation]:
@@ -72,6 +88,17 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model (optional)."""
+
+    def image_span_tokens(self) -> int:
+        """The tokens one image takes in a prompt (a performance case's input length counts them)."""
+        raise NotImplementedError
+
+    def run_timed(self, input_len: int, output_len: int, batch_size: int, with_image: bool, seed: int) -> TimedBatch:
+        """Run `batch_size` requests at once, each exactly `input_len` prompt tokens (one image first with
+        `with_image`; its span counted) and exactly `output_len` generated tokens (no early end), different
+        from each other and from every other seed's (no prefix or image cache can serve them), and time
+        every token. SampleError when the batch cannot run (the case's error)."""
+        raise NotImplementedError
 
     @classmethod
     def check(cls, model_cfg, tp: int = 1) -> None:

@@ -11,12 +11,15 @@ and the engine schedules it. Greedy.
 
 from __future__ import annotations
 
+import time
+
 from ..errors import ModelTestError
 from .base import (
     Backend,
     Generation,
     Request,
     SampleError,
+    TimedBatch,
     check_model_path,
     fit_input,
     image_name,
@@ -26,6 +29,10 @@ from .base import (
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 MAX_LABEL_BYTES = 256  # Qwen-VL's <img>..</img> span holds at most this many path bytes
+# Performance prompts: text tokens drawn from these ids (ordinary BPE tokens of the Qwen vocabulary, far
+# from its special tokens), and one random-noise image of Qwen-VL's input size.
+FILLER_IDS = (1000, 30000)
+PERF_IMAGE_SIZE = 448
 
 
 class EngineBackend(Backend):
@@ -33,6 +40,7 @@ class EngineBackend(Backend):
     supports_tp = True  # tp > 1: every rank of the group runs the same requests (engine/distributed.py)
     window = 256  # requests handed to the scheduler at once; each is saved as it finishes
     streams = True
+    times_tokens = True
 
     @classmethod
     def check(cls, model_cfg, tp: int = 1) -> None:
@@ -127,6 +135,90 @@ class EngineBackend(Backend):
 
             self.llm.generate(prompts, params, use_tqdm=False, errors="return", on_output=finished)
         return results  # type: ignore[return-value]
+
+
+    # ---- task_type performance ----------------------------------------------------------------------
+
+    def _perf_image(self, rng) -> tuple[list[int], list]:
+        """One random-noise image (so no two requests share image features) and its span's token ids."""
+        from PIL import Image
+
+        image = Image.fromarray(rng.integers(0, 256, (PERF_IMAGE_SIZE, PERF_IMAGE_SIZE, 3), dtype="uint8"))
+        return self.llm.prompt_token_ids({"prompt": "<img>perf</img>", "multi_modal_data": {"image": [image]}}), [image]
+
+    def _perf_prompt(self, input_len: int, with_image: bool, rng) -> dict:
+        """`input_len` prompt token ids: an image span first (with_image), then random ordinary tokens
+        (so no two requests share a prefix block)."""
+        ids, images = self._perf_image(rng) if with_image else ([], [])
+        if input_len < len(ids):
+            raise SampleError(f"{input_len} input tokens cannot hold the image's span of {len(ids)} tokens")
+        ids += rng.integers(*FILLER_IDS, input_len - len(ids)).tolist()
+        return {"prompt_token_ids": ids, **({"multi_modal_data": {"image": images}} if images else {})}
+
+    def image_span_tokens(self) -> int:
+        import numpy as np
+
+        return len(self._perf_image(np.random.default_rng(0))[0])
+
+    def run_timed(self, input_len: int, output_len: int, batch_size: int, with_image: bool, seed: int) -> TimedBatch:
+        """The batch through LLMEngine.add_request / step (vLLM's public loop), every token stamped when
+        the step that made it returns: the engine synchronizes the device at the end of each step
+        (engine/device.py now()), so the stamp follows the device's work, on any device. ignore_eos and
+        min_tokens = max_tokens: exactly `output_len` tokens, no end token can stop a request early."""
+        import numpy as np
+
+        from engine import EngineError, SamplingParams
+
+        engine = self.llm.llm_engine
+        rng = np.random.default_rng(seed)
+        prompts = [self._perf_prompt(input_len, with_image, rng) for _ in range(batch_size)]
+        params = SamplingParams(max_tokens=output_len, min_tokens=output_len, ignore_eos=True)
+        ids = [f"perf-{seed}-{i}" for i in range(batch_size)]
+        times: dict[str, list[float]] = {rid: [] for rid in ids}
+        inputs: dict[str, int] = {}
+        before = engine.stats()
+        accelerator = _accelerator(self.device)
+        if accelerator is not None:
+            accelerator.synchronize()
+            accelerator.reset_peak_memory_stats(self.device)
+        most = 0
+        submitted = time.perf_counter()
+        try:
+            for rid, prompt in zip(ids, prompts, strict=True):
+                engine.add_request(rid, prompt, params)
+            while engine.has_unfinished_requests():
+                outs = engine.step()
+                stamp = time.perf_counter()
+                most = max(most, sum(1 for o in outs if len(o.token_ids) > len(times[o.request_id])))
+                for out in outs:
+                    got = times[out.request_id]
+                    got += [stamp] * (len(out.token_ids) - len(got))
+                    inputs[out.request_id] = len(out.prompt_token_ids)
+        except (EngineError, RuntimeError) as e:  # a request that cannot run; out of device memory
+            engine.abort_request(ids)
+            raise SampleError(f"{type(e).__name__}: {e}") from None
+        after = engine.stats()
+        peak = None
+        if accelerator is not None:
+            accelerator.synchronize()
+            peak = accelerator.max_memory_allocated(self.device)
+        return TimedBatch(
+            submitted=submitted,
+            input_tokens=[inputs[rid] for rid in ids],
+            token_times=[times[rid] for rid in ids],
+            peak_memory_bytes=peak,
+            engine={"max_concurrent": most, "preemptions": after.num_preemptions - before.num_preemptions,
+                    "prefix_cache_hit_tokens": after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens,
+                    "image_cache_hits": after.image_cache_hits - before.image_cache_hits},
+        )  # fmt: skip
+
+
+def _accelerator(device: str):
+    """torch.cuda or torch.npu (torch_npu mirrors torch.cuda's memory counters) for a device; None on cpu,
+    which has no peak-memory counter."""
+    import torch
+
+    return {"cuda": torch.cuda, "npu": getattr(torch, "npu", None)}.get(device.split(":")[0])
 
 
 def _warmup_images(model_cfg) -> list[str]:
