@@ -17,8 +17,9 @@ same work. --quick: 32 requests over 20 images and 16 caption images.
 
 Targets. On this CPU (2 cores; shape "reduced": the real 151,936-row vocabulary, hidden 256, 4 layers,
 vision width 128 / 2 layers, fp32): on TextVQA the engine's requests/s >= 2x transformers at batch 1
-and >= 1.2x its best batch size. On an H100/H200 (shape "full": Qwen-VL's, bf16): >= 10x transformers
-at batch 1, and the engine's batch-1 decode >= 70% of the memory-bandwidth roofline.
+and >= 1.2x its best batch size; on the caption workload >= 1.3x its best batch size; the engine's
+batch-1 decode >= 50% of the memory-bandwidth roofline. On an H100/H200 (shape "full": Qwen-VL's,
+bf16): >= 10x transformers at batch 1, and the engine's batch-1 decode >= 70% of the roofline.
 
 Measured: requests/s and generated tokens/s over the whole workload (image loading and preprocessing
 included for both); TTFT from the start of the workload (all requests available at t=0, as in an
@@ -620,7 +621,9 @@ def print_table(wl: Workload, engine: Result, hf: list[Result], on_cpu: bool) ->
         if r.note:
             print(f"{r.system} {r.batch}: {r.note}")
     speed = engine.requests / engine.wall
-    targets = (2.0, 1.2) if on_cpu else (10.0, None)
+    # (vs batch 1, vs the best batch) per workload; caption is decode-bound: decode is where an engine should win
+    cpu_targets = {"textvqa": (2.0, 1.2), "caption": (None, 1.3)}
+    targets = cpu_targets.get(wl.name, (None, None)) if on_cpu else (10.0, None) if wl.name == "textvqa" else (None, None)
     lines = []
     if b1 is not None:
         lines.append(("engine / transformers batch 1", speed / (b1.requests / b1.wall), targets[0]))
@@ -630,7 +633,7 @@ def print_table(wl: Workload, engine: Result, hf: list[Result], on_cpu: bool) ->
     verdicts = []
     for what, ratio, target in lines:
         verdict = ""
-        if target is not None and wl.name == "textvqa":
+        if target is not None:
             verdict = f"   target >= {target:g}x: {'PASS' if ratio >= target else 'FAIL'}"
             verdicts.append(f"{wl.name} {what}: {ratio:.2f}x (target >= {target:g}x) {verdict.split()[-1]}")
         print(f"{what}: {ratio:.2f}x requests/s{verdict}")
@@ -786,14 +789,14 @@ def main() -> None:
         print(f"\n== batch-1 decode vs the memory-bandwidth roofline ==\ncopy bandwidth {bandwidth / 1e9:,.1f} GB/s "
               f"(1 GiB copy, best of 3); language weights read per decode step {step_bytes / 1e9:.3f} GB (embedding "
               f"table excluded) -> roofline {step_bytes / bandwidth * 1e3:.2f} ms/token")  # fmt: skip
+        roofline_target = 0.5 if on_cpu else 0.7
         for what, step in (("engine", engine_step), ("transformers", hf_step)):
             frac = step_bytes / step / bandwidth
             verdict = ""
-            if what == "engine" and not on_cpu:
-                verdict = f"   target >= 70%: {'PASS' if frac >= 0.7 else 'FAIL'}"
-                verdicts.append(
-                    f"engine batch-1 decode: {frac:.1%} of roofline (target >= 70%) {verdict.split()[-1]}"
-                )
+            if what == "engine":
+                verdict = f"   target >= {roofline_target:.0%}: {'PASS' if frac >= roofline_target else 'FAIL'}"
+                verdicts.append(f"engine batch-1 decode: {frac:.1%} of roofline (target >= {roofline_target:.0%}) "
+                                f"{verdict.split()[-1]}")  # fmt: skip
             print(f"{what}: {step * 1e3:.2f} ms/token = {step_bytes / step / 1e9:,.1f} GB/s = {frac:.1%} of the "
                   f"roofline{verdict}")  # fmt: skip
         if verdicts:
