@@ -92,12 +92,7 @@ class Scheduler:
             prefill_tokens += tokens
             computing.update(keys)
         self.waiting.extendleft(reversed(deferred))  # they keep their place at the front
-        if not self.running and self.waiting:
-            seq = self.waiting[0]
-            raise RuntimeError(
-                f"request {seq.request_id} needs {bm.missing(seq)} KV blocks but the cache has {bm.num_blocks}; "
-                "the engine should have rejected it"
-            )
+        self._check_progress()
         return list(self.running)
 
     def _schedule_chunked(self) -> list[Sequence]:
@@ -158,12 +153,7 @@ class Scheduler:
             prefilling = True
             computing.update(keys)
         self.waiting.extendleft(reversed(deferred))  # they keep their place at the front
-        if not self.running and self.waiting:
-            seq = self.waiting[0]
-            raise RuntimeError(
-                f"request {seq.request_id} needs {bm.missing(seq)} KV blocks but the cache has {bm.num_blocks}; "
-                "the engine should have rejected it"
-            )
+        self._check_progress()
         return scheduled
 
     @staticmethod
@@ -180,6 +170,15 @@ class Scheduler:
             if lo < end < hi:
                 return lo if lo > start else hi if first else start
         return end
+
+    def _check_progress(self) -> None:
+        """Nothing runs while requests wait: one of them can never fit (add_request should have refused it)."""
+        if not self.running and self.waiting:
+            seq, bm = self.waiting[0], self.block_manager
+            raise RuntimeError(
+                f"request {seq.request_id} needs {bm.missing(seq)} KV blocks but the cache has {bm.num_blocks}; "
+                "the engine should have rejected it"
+            )
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
