@@ -20,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from modeltest.backends.base import Backend, SampleError, TimedBatch
 from modeltest.cli import main
@@ -310,6 +311,8 @@ def test_mm_run_runs_the_shipped_performance_task(qwen_vl_ckpt, tmp_path):
                            "--model_path", str(qwen_vl_ckpt), "--device", "cpu"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
+    shipped = yaml.safe_load((repo / "configs/task/performance.yaml").read_text())
+    assert shipped["with_image"] and min(i for i, _ in shipped["case_pair"]) >= SPAN  # every case holds the image
     for batch in (1, 16):
         assert (f"modeltest/qwen_vl/performance_result/results/CPU/performance_test/synthetic/bf16/qwen_vl/"
                 f"performance_pa_batch{batch}_tp1_result.csv") in done.stderr  # fmt: skip
