@@ -124,6 +124,16 @@ def run(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts: RunOptions, b
                              "output distributions); set need_logits: false or use --backend engine")  # fmt: skip
     # an endpoint (--backend openai): no model folder, no device here; its check names the served model
     remote = predictions is None and backend_class(backend_name).remote
+    if remote:
+        if lay.world > 1:
+            raise ModelTestError(f"an endpoint (--backend {backend_name}) runs the model on its own devices: run the "
+                                 "harness as one process, without torchrun (--num_concurrent sets the requests in "
+                                 "flight)")  # fmt: skip
+        if lay.main and not opts.check_only:  # flags that pick this machine's device or batch: nothing to pick
+            for flag, given in (("--device", opts.device), ("--batch_size", opts.batch_size != 1)):
+                if given:
+                    print(f"modeltest: note: {flag} does not apply on the {backend_name} backend: the endpoint "
+                          "runs the model (--num_concurrent sets the requests in flight)", file=sys.stderr)  # fmt: skip
     if backend is None:
         if remote:  # before anything is written: the endpoint answers, with this key, and serves the model
             backend_class(backend_name).check(model_cfg, lay.tp)

@@ -453,6 +453,25 @@ def test_a_wrong_key_stops_the_run_before_any_work(endpoint, data, tmp_path, cap
     assert code == 0 and "check passed" in capsys.readouterr().err and not out.exists()
 
 
+def test_torchrun_is_refused_before_the_endpoint_is_asked(data, tmp_path, capsys, monkeypatch):
+    """Two processes would evaluate the same endpoint twice: one line, before GET /models (port 9 answers
+    nothing, so reaching it would say so instead)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    code, _, _ = _run(tmp_path, data, None, "--backend", "openai", "--base_url", "http://127.0.0.1:9/v1")
+    err = _errors(capsys.readouterr().err)
+    assert code == 2 and len(err) == 1 and "run the harness as one process, without torchrun" in err[0]
+
+
+def test_device_and_batch_size_are_named_as_doing_nothing(endpoint, data, tmp_path, capsys):
+    code, records, _ = _run(tmp_path, data, {"base_url": endpoint.url}, "--api_key", KEY, "--device", "cpu",
+                            "--batch_size", "4")  # fmt: skip
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("modeltest: note: --")]
+    assert code == 0 and len(records) == N
+    assert [n.split()[2] for n in notes] == ["--device", "--batch_size"]
+
+
 def test_a_missing_base_url_is_one_line(data, tmp_path, capsys):
     code, _, _ = _run(tmp_path, data, None, "--backend", "openai")
     err = capsys.readouterr().err
