@@ -62,13 +62,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            while not bm.can_allocate(seq):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq.status is Status.RUNNING:
+            if self._make_room(seq, preempted):
                 bm.allocate(seq)
         for seq in preempted:  # preempted newest first: back to the front, the earliest admitted first
             self.waiting.appendleft(seq)
@@ -104,6 +98,13 @@ class Scheduler:
         preempted: list[Sequence] = []
         used = 0  # tokens the step computes so far
         prefilling = False  # whether a prompt chunk is in the step yet
+
+        def refund(victim: Sequence) -> None:  # a victim scheduled earlier in this step: its tokens go back
+            nonlocal used
+            if victim in scheduled:
+                scheduled.remove(victim)
+                used -= victim.step_end - victim.num_cached
+
         decodes = [s for s in self.running if s.num_tokens - s.num_cached == 1]
         for seq in decodes + [s for s in self.running if s.num_tokens - s.num_cached > 1]:
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
@@ -114,16 +115,7 @@ class Scheduler:
                 if end == seq.num_cached:
                     continue  # no room left in this step: it goes on in the next one
                 seq.chunk_end = end if end < seq.num_tokens else None
-            while not bm.can_allocate(seq):
-                victim = self.running[-1]
-                if victim in scheduled:  # its tokens go back to the budget
-                    scheduled.remove(victim)
-                    used -= victim.step_end - victim.num_cached
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq.status is Status.RUNNING:
+            if self._make_room(seq, preempted, before=refund):
                 bm.allocate(seq)
                 scheduled.append(seq)
                 used += seq.step_end - seq.num_cached
@@ -170,6 +162,19 @@ class Scheduler:
             if lo < end < hi:
                 return lo if lo > start else hi if first else start
         return end
+
+    def _make_room(self, seq: Sequence, preempted: list[Sequence], before=None) -> bool:
+        """Preempt the most recently admitted running sequences (`before(victim)` first, while its blocks
+        are still held) until `seq`'s next blocks fit; False when `seq` itself had to go."""
+        while not self.block_manager.can_allocate(seq):
+            victim = self.running[-1]
+            if before is not None:
+                before(victim)
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
 
     def _check_progress(self) -> None:
         """Nothing runs while requests wait: one of them can never fit (add_request should have refused it)."""
