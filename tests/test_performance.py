@@ -331,3 +331,15 @@ def test_the_batch_size_flag_overrides_the_task_list(tmp_path, monkeypatch):
     args = ["--model_config_path", str(model), "--task_config_path", str(task)]
     assert main([*args, "--batch_size", "4"]) == 0 and main(args) == 0
     assert seen == [([4], 4), ([1, 16], 1)]
+
+
+def test_torchrun_is_refused_for_now(tmp_path, capsys, monkeypatch):
+    """Tensor-parallel performance runs are not supported yet: one line before anything loads."""
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    task = write_yaml(tmp_path / "task.yaml", {"task_type": "performance", "task_name": "synthetic",
+                                               "case_pair": [[300, 8]]})  # fmt: skip
+    model = write_yaml(tmp_path / "model.yaml", {"model_name": "tiny", "model_path": str(tmp_path)})
+    assert main(["--model_config_path", str(model), "--task_config_path", str(task), "--tp", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not supported yet" in err and len(err.splitlines()) == 1

@@ -88,7 +88,10 @@ def run_performance(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts, b
     lay = layout(opts.tp, opts.dp, planned=opts.check_only)
     if lay.dp > 1:
         raise ModelTestError(f"a performance run measures one copy of the model: --dp {lay.dp} would split the "
-                             "batch; use --tp only (or run one copy per device separately)")  # fmt: skip
+                             "batch; run one copy per device separately")  # fmt: skip
+    if lay.world > 1:  # every rank would run the same batches and rank 0 write them: not tested under torchrun yet
+        raise ModelTestError(f"a performance run is one process for now (--tp {lay.tp} under torchrun is not "
+                             "supported yet): launch it without torchrun, on one device")  # fmt: skip
     sizes = task_cfg.batch_size or [opts.batch_size]  # the task's list, else --batch_size
     if any(b < 1 for b in sizes):
         raise ModelTestError(f"--batch_size must be >= 1, got {opts.batch_size}")
