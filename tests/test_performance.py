@@ -343,3 +343,27 @@ def test_torchrun_is_refused_for_now(tmp_path, capsys, monkeypatch):
     assert main(["--model_config_path", str(model), "--task_config_path", str(task), "--tp", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "is not supported yet" in err and len(err.splitlines()) == 1
+
+
+def test_a_failed_case_is_a_row_the_run_goes_on_and_the_files_say_they_are_unfinished(tmp_path):
+    """A case that cannot run (out of memory) is its row's error, the next case still runs, the exit code
+    follows --max_error_rate; while the run goes, the JSON already written says complete: false."""
+    seen = []
+
+    class Watching(Stub):
+        def run_timed(self, input_len, *args):
+            for path in tmp_path.rglob("*_result.json"):  # what an earlier case left
+                seen.append(json.loads(path.read_text())["complete"])
+            return super().run_timed(input_len, *args)
+
+    task = _task(case_pair=[[32, 5], [64, 5]], batch_size=[50], warmup_rounds=0)
+    result = run(_model(), task, RunOptions(output_dir=str(tmp_path), progress=False), Watching(memory=40))
+    assert result.exit_code == 3  # both cases failed: above the default --max_error_rate 0
+    header, *rows = _csv(_files(tmp_path, "performance_pa_batch50_tp1_result.csv")[0])
+    assert [r[2] for r in rows] == ["32", "64"] and all(r[4].startswith("error: ") for r in rows)
+    assert "out of device memory" in rows[0][4]
+    assert seen and not any(seen)  # written after the first case, before the second: unfinished
+    assert json.loads(_files(tmp_path, "performance_pa_batch50_tp1_result.json")[0].read_text())["complete"]
+    ok = run(_model(), task, RunOptions(output_dir=str(tmp_path / "ok"), progress=False, max_error_rate=1.0),
+             Stub(memory=40))  # fmt: skip
+    assert ok.exit_code == 0
