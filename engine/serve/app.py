@@ -246,13 +246,9 @@ def create_app(state: ServeState) -> FastAPI:
             c = out.outputs[0]
             return chat_logprobs(c.logprobs, c.token_ids, top, state.token_bytes) if body.logprobs else None
 
-        events = await _start(worker, reply.id, prompt, sampling)
-        if body.stream:
-            return EventStream(_chat_events(worker, reply, events, body.include_usage, logprobs))
-        done = await _whole(worker, request, reply.id, events)
-        if done is None:
-            return Response(status_code=499)  # nobody is there to read it
-        return chat_response(reply, done.text, done.finish_reason, logprobs(done), _usage(done))
+        stream = _chat_events if body.stream else None
+        return await _answer(worker, request, reply, prompt, sampling, stream, body.include_usage, chat_response,
+                             logprobs)  # fmt: skip
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -268,15 +264,25 @@ def create_app(state: ServeState) -> FastAPI:
             c = out.outputs[0]
             return None if top is None else completion_logprobs(c.logprobs, c.token_ids, top, state.token_bytes, offset)
 
-        events = await _start(worker, reply.id, prompt, sampling)
-        if body.stream:
-            return EventStream(_completion_events(worker, reply, events, body.include_usage, logprobs))
-        done = await _whole(worker, request, reply.id, events)
-        if done is None:
-            return Response(status_code=499)  # nobody is there to read it
-        return completion_response(reply, done.text, done.finish_reason, logprobs(done), _usage(done))
+        stream = _completion_events if body.stream else None
+        return await _answer(worker, request, reply, prompt, sampling, stream, body.include_usage,
+                             completion_response, logprobs)  # fmt: skip
 
     return app
+
+
+async def _answer(worker: EngineWorker, request: Request, reply: Reply, prompt, sampling: dict, stream,
+                  include_usage: bool, respond: Callable, logprobs: Callable):  # fmt: skip
+    """Run a request and answer it: when the client asked for a stream, the server-sent events of
+    `stream` (_chat_events or _completion_events), else `respond(reply, text, finish_reason, logprobs,
+    usage)` over the whole output (499 when the client went away first)."""
+    events = await _start(worker, reply.id, prompt, sampling)
+    if stream is not None:
+        return EventStream(stream(worker, reply, events, include_usage, logprobs))
+    done = await _whole(worker, request, reply.id, events)
+    if done is None:
+        return Response(status_code=499)  # nobody is there to read it
+    return respond(reply, done.text, done.finish_reason, logprobs(done), _usage(done))
 
 
 async def _start(worker: EngineWorker, request_id: str, prompt, sampling: dict) -> asyncio.Queue:
