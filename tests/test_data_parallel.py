@@ -34,6 +34,16 @@ from dist_worker import torchrun  # noqa: E402
 SAMPLES = 12
 
 
+def _task_yaml(path: Path, data: Path) -> Path:
+    """The TextVQA task config both backends' runs here use."""
+    path.write_text(yaml.safe_dump({
+        "task_type": "precision", "task_name": "textvqa", "local_dataset_path": str(data),
+        "metric": {"metric_type": "vqa_accuracy", "normalizer": "evalai"},
+        "subject_mapping": {"textvqa": {"name": "textvqa"}},
+    }))  # fmt: skip
+    return path
+
+
 @pytest.fixture(scope="module")
 def setup(qwen_vl_ckpt, photo_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("dp")
@@ -43,12 +53,7 @@ def setup(qwen_vl_ckpt, photo_dir, tmp_path_factory):
         "model_name": "tiny_qwen_vl", "model_path": str(qwen_vl_ckpt), "data_type": "fp32", "backend": "engine",
         "block_size": 16, "mm_model": {"infer_params": {"max_batch_size": 1, "max_output_length": 12}},
     }))  # fmt: skip
-    task = root / "textvqa.yaml"
-    task.write_text(yaml.safe_dump({
-        "task_type": "precision", "task_name": "textvqa", "local_dataset_path": str(data),
-        "metric": {"metric_type": "vqa_accuracy", "normalizer": "evalai"},
-        "subject_mapping": {"textvqa": {"name": "textvqa"}},
-    }))  # fmt: skip
+    task = _task_yaml(root / "textvqa.yaml", data)
     return root, ["--model_config_path", str(model), "--task_config_path", str(task), "--device", "cpu",
                   "--no_progress"]  # fmt: skip
 
@@ -103,12 +108,7 @@ def test_hf_backend_runs_a_copy_per_process(setup, tiny_qwen2vl, textvqa, tmp_pa
     model.write_text(yaml.safe_dump({"model_name": "tiny_qwen2_vl", "model_path": str(tiny_qwen2vl),
                                      "data_type": "fp32", "backend": "hf",
                                      "mm_model": {"infer_params": {"max_output_length": 6}}}))  # fmt: skip
-    task = tmp_path / "task.yaml"
-    task.write_text(yaml.safe_dump({
-        "task_type": "precision", "task_name": "textvqa", "local_dataset_path": str(textvqa),
-        "metric": {"metric_type": "vqa_accuracy", "normalizer": "evalai"},
-        "subject_mapping": {"textvqa": {"name": "textvqa"}},
-    }))  # fmt: skip
+    task = _task_yaml(tmp_path / "task.yaml", textvqa)
     args = ["--model_config_path", str(model), "--task_config_path", str(task), "--device", "cpu", "--no_progress"]
     assert run_cli(args, tmp_path / "one") == 0
     done = run_torchrun(args, tmp_path / "two", "--dp", "2")
