@@ -138,9 +138,18 @@ class CheckpointTensor:
         return self.view.get_slice(self.key, index).to(device=self.device, dtype=self.dtype)
 
 
+CPU_ALIGNMENT = 64  # bytes: what torch's CPU allocator gives every fresh tensor
+
+
 def set_weight(param: nn.Parameter, value: torch.Tensor) -> None:
     """Fill `param` with `value`: a parameter still on the meta device becomes `value` itself (same
-    object, so every module holding it sees it; no copy); a materialized one is copied into."""
+    object, so every module holding it sees it; no copy); a materialized one is copied into. A CPU
+    value that does not start on a 64-byte boundary (a tensor inside a safetensors file is 8-byte
+    aligned) is copied to one first: MKL's result for the same product differs in the last bits with
+    the weight's alignment, and a model must compute the same logits from whichever file layout it
+    was loaded."""
+    if value.device.type == "cpu" and value.data_ptr() % CPU_ALIGNMENT:
+        value = value.clone()
     if param.is_meta:
         attrs = dict(param.__dict__)  # swap_tensors swaps them too: keep the loader and its settings
         torch.utils.swap_tensors(param, nn.Parameter(value, requires_grad=False))

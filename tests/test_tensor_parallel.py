@@ -6,7 +6,10 @@ timeout of 60 s and a 300 s limit on the run):
 - each rank holds its slice of every language-model weight (q, k and v split by head, row-parallel
   layers by input, the vocabulary by rows), about half the language model's bytes, its half of the
   KV heads; the vision tower whole;
-- tensor_parallel_size that does not divide the model, or > 1 without torchrun, is one clear error.
+- tensor_parallel_size that does not divide the model, or > 1 without torchrun, is one clear error;
+- `linear`, what every language-model layer computes with: F.linear's result (within float32
+  rounding) for every row count, both kernels of one float32 row on CPU, with and without bias,
+  contiguous; other dtypes are F.linear's own.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pytest
 import torch
 
 from engine import LLM, EngineError
+from engine.distributed import GEMV_MIN_IN_FEATURES, linear
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_worker  # noqa: E402
@@ -105,3 +109,17 @@ def test_a_broken_torchrun_environment_is_one_line(monkeypatch, env, device, mes
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device reached"))
     with pytest.raises(EngineError, match=message):
         init_tensor_parallel(2, device)
+
+
+@pytest.mark.parametrize("in_features", [256, GEMV_MIN_IN_FEATURES])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 64])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_is_f_linear(in_features, rows, with_bias):
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = (torch.randn(*s, generator=g) for s in ((rows, in_features), (300, in_features), (300,)))
+    bias = b if with_bias else None
+    y = linear(x, w, bias)
+    assert y.shape == (rows, 300) and y.is_contiguous()
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, bias), rtol=1e-5, atol=1e-4)
+    x16, w16 = x.bfloat16(), w.bfloat16()
+    assert torch.equal(linear(x16, w16), torch.nn.functional.linear(x16, w16))
