@@ -1,6 +1,6 @@
 """Engine vs transformers: the same Qwen-VL workload, on the same random weights, in one process and one
 run, through (a) transformers the way lmms-eval / VLMEvalKit run Qwen-VL (per batch: the vision tower
-computes the images' features, no cache; they replace the 256 image slots of Qwen2's input embeddings;
+computes the images' features, no cache, its attention as the original visual.py's bmm/softmax/bmm; they replace the 256 image slots of Qwen2's input embeddings;
 transformers' Qwen2ForCausalLM, holding the Qwen-VL language weights, runs `generate(inputs_embeds=...)`
 greedily, left-padded) at batch 1 and at several batch sizes, and (b) the bundled engine
 (`LLM.generate` of every request at once, through its public API and whatever its scheduling is).
@@ -123,12 +123,13 @@ def read_checkpoint(folder: Path, visual: bool) -> dict:
 
 
 def build_vision(ckpt: Path, dtype, device: str):
-    """A copy of the engine's vision tower module (the same code, so the same math) holding the
-    checkpoint's vision weights; the baseline runs it per batch, with no cache."""
+    """A copy of the engine's vision tower module holding the checkpoint's vision weights, its
+    attention computed the way Qwen-VL's visual.py does under transformers (bmm, softmax, bmm: the
+    engine's tower uses torch's fused SDPA); the baseline runs it per batch, with no cache."""
     import torch
 
     from engine.models.qwen_vl.config import QwenVLConfig
-    from engine.models.qwen_vl.vision import VisionTransformer
+    from engine.models.qwen_vl.vision import VisionTransformer, VisualAttention
 
     cfg = QwenVLConfig.from_pretrained(ckpt)
     with torch.device("meta"):
@@ -140,6 +141,9 @@ def build_vision(ckpt: Path, dtype, device: str):
     tower.load_state_dict(state, strict=True, assign=True)
     for p in tower.parameters():
         p.requires_grad_(False)
+    for module in tower.modules():
+        if isinstance(module, VisualAttention):
+            module.fused = False
     return tower.eval(), cfg.visual.image_size
 
 
@@ -772,7 +776,8 @@ def main() -> None:
         print(f"engine: weights {gib(engine_weights)} GiB + KV cache {gib(kv_bytes)} GiB, loaded in {load_s:.1f} s, "
               f"LLM({', '.join(f'{k}={v!r}' for k, v in used.items())})")  # fmt: skip
         print(f"transformers: Qwen2ForCausalLM {gib(hf_weights)} GiB (attn_implementation {args.hf_attn!r}) + a copy of "
-              f"the engine's vision tower {gib(vision_bytes)} GiB run per batch with no cache; loaded in "
+              f"the engine's vision tower {gib(vision_bytes)} GiB (the original's attention) run per batch with no cache; "
+              f"loaded in "
               f"{hf_load_s:.1f} s")  # fmt: skip
         mem_what = (
             "peak CUDA memory allocated" if device.startswith("cuda") else "peak host RSS of the process"

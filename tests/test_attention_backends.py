@@ -1,4 +1,5 @@
-"""Protects the attention backends behind the one interface: each must equal the torch reference on
+"""Protects the attention backends behind the one interface: the torch reference must be each
+sequence's own attention however the step batches them, and each backend must equal it on
 the paged cache — fresh prefills, prefills after a cached prefix, and batched decodes through
 shuffled block tables — and give the reference's greedy tokens inside the engine."""
 
@@ -40,6 +41,24 @@ def _step(query_lens, context_lens, block_size=4, heads=3, dim=8, num_blocks=40,
     tokens = sum(query_lens)
     q, k, v = (torch.randn(tokens, heads, dim, generator=g) for _ in range(3))
     return q, k, v, k_cache, v_cache, meta
+
+
+def test_the_torch_reference_is_each_sequences_own_attention():
+    # prefills batched by (query len, context len): two fresh 5-token ones together, one after a
+    # cached prefix, one alone; decodes of different contexts padded to the longest
+    query_lens, context_lens = [5, 1, 5, 7, 1, 5, 1], [5, 12, 9, 7, 3, 5, 6]
+    q, k, v, kc, vc, meta = _step(query_lens, context_lens)
+    out = TorchAttention().forward(q, k, v, kc, vc, meta)  # the caches now hold the new K/V too
+    start = 0
+    for i, (qlen, ctx) in enumerate(zip(query_lens, context_lens, strict=True)):
+        slots = torch.tensor([int(meta.block_tables[i, p // 4]) * 4 + p % 4 for p in range(ctx)])
+        keys, values = kc.flatten(0, 1)[slots], vc.flatten(0, 1)[slots]  # [ctx, heads, dim]
+        for j in range(qlen):  # query j sits at position ctx - qlen + j
+            seen = ctx - qlen + j + 1
+            scores = torch.einsum("hd,khd->hk", q[start + j], keys[:seen]) / 8**0.5
+            want = torch.einsum("hk,khd->hd", scores.softmax(-1), values[:seen])
+            assert torch.allclose(out[start + j], want, atol=1e-6), (i, j)
+        start += qlen
 
 
 @pytest.mark.parametrize("name", ["sdpa"])

@@ -7,7 +7,8 @@
   modeling_qwen.py forward written here (alpha decided from the prompt length, kept during decode);
 - the vision tower against a dense re-implementation of the original visual.py written here (conv
   patchify, bicubic positional resize, per-head fused q|k|v split, hand-written resampler attention),
-  for both the kv_proj and the identity-kv resampler;
+  for both the kv_proj and the identity-kv resampler, with the patches' attention fused (the engine's)
+  and as the original's bmm/softmax (the benchmark baseline's);
 - the tokenizer's special-token handling and more plain-text cases against dashscope's Qwen tokenizer
   (the basic cases live in test_qwen_tokenizer.py).
 
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from engine.models.qwen_vl.language import ntk_alpha
 from engine.models.qwen_vl.processor import preprocess
 from engine.models.qwen_vl.tokenizer import IMAGE_TAGS, QwenVLTokenizer
-from engine.models.qwen_vl.vision import resize_pos
+from engine.models.qwen_vl.vision import VisualAttention, resize_pos
 
 TOL = 1e-4
 FIRST_SPECIAL = 151643  # <|endoftext|>: every id below it is a plain BPE token
@@ -418,8 +419,10 @@ def pixels(photo_dir) -> torch.Tensor:
     return preprocess([photo_dir / "astronaut.jpg", photo_dir / "coffee.png"])
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "bmm-softmax"])
 @pytest.mark.parametrize("which", ["kv_proj", "identity_kv"])
-def test_vision_matches_original_visual(which, request, pixels):
+def test_vision_matches_original_visual(which, fused, request, pixels, monkeypatch):
+    monkeypatch.setattr(VisualAttention, "fused", fused)  # the engine's way, and the original's (benchmarks)
     if which == "kv_proj":
         llm, folder = request.getfixturevalue("qwen_vl_llm"), request.getfixturevalue("qwen_vl_ckpt")
     else:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from engine import LLM, EngineError
-from engine.distributed import GEMV_MIN_IN_FEATURES, linear
+from engine.distributed import GEMV_MIN_IN_FEATURES, SMALL_WEIGHT, linear
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_worker  # noqa: E402
@@ -116,10 +116,11 @@ def test_a_broken_torchrun_environment_is_one_line(monkeypatch, env, device, mes
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_is_f_linear(in_features, rows, with_bias):
     g = torch.Generator().manual_seed(rows)
-    x, w, b = (torch.randn(*s, generator=g) for s in ((rows, in_features), (300, in_features), (300,)))
+    out = SMALL_WEIGHT // in_features + 300  # a weight the W x^T path takes
+    x, w, b = (torch.randn(*s, generator=g) for s in ((rows, in_features), (out, in_features), (out,)))
     bias = b if with_bias else None
     y = linear(x, w, bias)
-    assert y.shape == (rows, 300) and y.is_contiguous()
+    assert y.shape == (rows, out) and y.is_contiguous()
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w, bias), rtol=1e-5, atol=1e-4)
     x16, w16 = x.bfloat16(), w.bfloat16()
     assert torch.equal(linear(x16, w16), torch.nn.functional.linear(x16, w16))
