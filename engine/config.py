@@ -52,6 +52,7 @@ class EngineConfig:
     # a step's max_prefill_tokens budget covers decodes and prefills; longer prompts go in chunks
     enable_chunked_prefill: bool = True
     attention_backend: str | None = None
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (engine/cuda_graphs.py)
 
     def __post_init__(self):
         for key in ("block_size", "max_batch_size", "max_model_len"):
@@ -72,8 +73,9 @@ class EngineConfig:
             raise EngineError(f"reserved_memory_gb (RESERVED_MEMORY_GB) must be >= 0, got {self.reserved_memory_gb!r}")
         if self.max_prefill_tokens is None:
             self.max_prefill_tokens = max(self.max_model_len, 8192)
-        if not isinstance(self.enable_chunked_prefill, bool):
-            raise EngineError(f"enable_chunked_prefill must be true or false, got {self.enable_chunked_prefill!r}")
+        for key in ("enable_chunked_prefill", "enforce_eager"):
+            if not isinstance(getattr(self, key), bool):
+                raise EngineError(f"{key} must be true or false, got {getattr(self, key)!r}")
         if self.enable_chunked_prefill and self.max_prefill_tokens < self.max_batch_size:
             # else the running decodes could take the whole budget and a prompt would never advance
             raise EngineError(
@@ -102,6 +104,8 @@ class EngineArgs:
     max_prefill_tokens budget is shared by the running decodes (first) and the prefills, and a prompt
     longer than what is left is prefilled a chunk per step, so long prompts do not stall running
     decodes; False: the budget counts prompt tokens only and a prompt is computed in one step.
+    enforce_eager (vLLM's name): on CUDA, decode steps replay CUDA graphs captured at start-up
+    (engine/cuda_graphs.py) unless this is True.
     tensor_parallel_size > 1 runs under torchrun, one process per device (engine/distributed.py).
     trust_remote_code is accepted for compatibility and changes nothing: the engine never imports or
     runs code from a model folder."""
@@ -123,6 +127,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     attention_backend: str | None = None
+    enforce_eager: bool = False
     seed: int = 0
     progress: bool = True
     tensor_parallel_size: int = 1
@@ -164,6 +169,7 @@ class EngineArgs:
             enable_prefix_caching=self.enable_prefix_caching,
             enable_chunked_prefill=self.enable_chunked_prefill,
             attention_backend=self.attention_backend,
+            enforce_eager=self.enforce_eager,
         )
 
 

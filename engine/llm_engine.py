@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import cuda_graphs
 from .block_manager import BlockManager, blocks_for
 from .config import EngineArgs
 from .detokenizer import Detokenizer
@@ -118,8 +119,15 @@ class LLMEngine:
         self.block_manager = BlockManager(c.num_blocks, c.block_size, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, c.max_batch_size, c.max_prefill_tokens,
                                    chunked_prefill=c.enable_chunked_prefill)  # fmt: skip
+        capture = None if c.enforce_eager else cuda_graphs.capture_for(device)
         self.runner = ModelRunner(self.model, spec, self.block_manager, c.dtype, device, c.attention_backend,
-                                  image_cache_bytes=int(c.image_cache_gb * (1 << 30)))  # fmt: skip
+                                  image_cache_bytes=int(c.image_cache_gb * (1 << 30)),
+                                  scratch_blocks=1 if capture else 0)  # fmt: skip
+        if capture is not None and self.runner.attention.graph_safe:
+            self.runner.capture_graphs(c.max_batch_size, c.max_model_len, family.request_state(1)[0], capture)
+        elif capture is not None:
+            logger.info("decode graphs: off, the %s attention backend decodes with host work (the cuda backend's "
+                        "Triton kernel does not)", self.runner.attention.name)  # fmt: skip
         self.sampler = Sampler(args.seed)
         self.requests: dict[str, Sequence] = {}  # unfinished, by request id
         self._seq_ids = itertools.count()

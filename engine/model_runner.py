@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .attention import AttentionMetadata, get_attention_backend
-from .block_manager import BlockManager
+from .block_manager import BlockManager, blocks_for
+from .cuda_graphs import DecodeGraphs, cuda_capture
 from .image_cache import FeatureCache
 from .models.base import CausalLM, ImageSpan, ModelSpec
 from .sequence import Sequence
@@ -51,11 +52,13 @@ class ModelRunner:
         device: str,
         attention_backend: str | None = None,
         image_cache_bytes: int = 0,
+        scratch_blocks: int = 0,
     ):
         self.model, self.spec, self.block_manager, self.dtype, self.device = model, spec, block_manager, dtype, device
         self.block_size = block_manager.block_size
-        shape = (block_manager.num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
-        # kv_caches[layer] = (k, v), each [num_blocks, block_size, kv_heads, head_dim]
+        # scratch blocks (after the block manager's): where decode graphs' padding rows write their K/V
+        shape = (block_manager.num_blocks + scratch_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
+        # kv_caches[layer] = (k, v), each [num_blocks (+ scratch), block_size, kv_heads, head_dim]
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(spec.num_layers)
@@ -63,6 +66,7 @@ class ModelRunner:
         self.attention = get_attention_backend(device, attention_backend)
         self.image_cache = FeatureCache(image_cache_bytes)
         self.pin = not device.startswith("cpu")
+        self.graphs: DecodeGraphs | None = None
 
     @staticmethod
     def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
@@ -148,16 +152,34 @@ class ModelRunner:
         step = self.prepare(seqs, all_rows)
         return self.execute(step, seqs)
 
+    def capture_graphs(self, max_batch_size: int, max_model_len: int, state, capture=None) -> None:
+        """Capture the decode graphs (engine/cuda_graphs.py) of every bucket up to max_batch_size, on
+        the scratch block the cache was built with; `state` is a request state any sequence could
+        have (the static step context is built with it). `capture`: cuda_capture unless given."""
+        scratch = self.block_manager.num_blocks
+        if self.kv_caches[0][0].shape[0] <= scratch:
+            raise RuntimeError("decode graphs need the runner built with scratch_blocks=1")
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.attention, max_batch_size=max_batch_size,
+                              max_blocks=blocks_for(max_model_len, self.block_size), block_size=self.block_size,
+                              scratch_block=scratch, device=self.device, capture=capture or cuda_capture)  # fmt: skip
+        rows = graphs.sizes[-1]
+        positions = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        with torch.inference_mode():
+            graphs.capture_all(self.model.step_context(positions, torch.arange(rows, device=self.device), [state] * rows))
+        self.graphs = graphs
+
     def execute(self, step: StepInputs, seqs: list[Sequence]) -> torch.Tensor:
         context = self.model.step_context(step.positions, step.token_seq, [s.state for s in seqs])
-        features = None
-        if step.images:
-            features = torch.cat(self._image_features(step.images))  # [rows, hidden]
-            if step.feature_rows is not None:
-                features = features[step.feature_rows]
-        hidden = self.model(step.input_ids, self.kv_caches, step.attn, context, self.attention, features,
-                            step.image_rows)  # fmt: skip
-        logits = self.model.compute_logits(hidden[step.logits_indices])
+        logits = self.graphs.run(step, context) if self.graphs is not None else None
+        if logits is None:
+            features = None
+            if step.images:
+                features = torch.cat(self._image_features(step.images))  # [rows, hidden]
+                if step.feature_rows is not None:
+                    features = features[step.feature_rows]
+            hidden = self.model(step.input_ids, self.kv_caches, step.attn, context, self.attention, features,
+                                step.image_rows)  # fmt: skip
+            logits = self.model.compute_logits(hidden[step.logits_indices])
         for seq, ctx in zip(seqs, step.attn.context_lens_list, strict=True):
             seq.num_cached = ctx
             self.block_manager.register(seq)

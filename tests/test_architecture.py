@@ -15,7 +15,7 @@ import engine
 
 REPO = Path(__file__).resolve().parent.parent
 CORE = ["llm", "llm_engine", "config", "sampling", "sequence", "scheduler", "block_manager", "kv_sizing",
-        "model_runner", "detokenizer", "loader", "device", "image_cache", "errors", "attention"]  # fmt: skip
+        "model_runner", "detokenizer", "loader", "device", "image_cache", "errors", "attention", "cuda_graphs"]  # fmt: skip
 FAMILIES = [p.name for p in (REPO / "engine" / "models").iterdir() if p.is_dir() and (p / "__init__.py").exists()]
 # what the harness may use outside its backends: nothing that runs a model
 NOT_INFERENCE = {"EngineError", "DeviceError", "resolve_device", "write_random_checkpoint", "tiny_config", "to_rgb"}

@@ -583,9 +583,11 @@ def test_bad_flags_and_model_folders_are_one_line_and_exit_2(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-@pytest.mark.parametrize(("flag", "chunked"), [([], True), (["--no-enable-chunked-prefill"], False)])
-def test_engine_flags_reach_the_engine_args(qwen_vl_ckpt, monkeypatch, flag, chunked):
-    """vLLM's engine flags are EngineArgs (here --[no-]enable-chunked-prefill), before any weight loads."""
+@pytest.mark.parametrize(("flag", "chunked", "eager"), [([], True, False), (["--no-enable-chunked-prefill"], False, False),
+                                                       (["--enforce-eager"], True, True)])  # fmt: skip
+def test_engine_flags_reach_the_engine_args(qwen_vl_ckpt, monkeypatch, flag, chunked, eager):
+    """vLLM's engine flags are EngineArgs (here --[no-]enable-chunked-prefill, --enforce-eager), before
+    any weight loads."""
     from engine.llm_engine import LLMEngine
 
     class Built(Exception):
@@ -597,4 +599,4 @@ def test_engine_flags_reach_the_engine_args(qwen_vl_ckpt, monkeypatch, flag, chu
     monkeypatch.setattr(LLMEngine, "from_engine_args", staticmethod(capture))
     with pytest.raises(Built) as e:
         cli.main([str(qwen_vl_ckpt), "--port", "0", *flag])
-    assert e.value.args[0].enable_chunked_prefill is chunked
+    assert e.value.args[0].enable_chunked_prefill is chunked and e.value.args[0].enforce_eager is eager

@@ -62,6 +62,12 @@ def split_step(meta: AttentionMetadata) -> tuple[list[tuple[int, int, int, int]]
 class AttentionBackend(ABC):
     name = "attention"
 
+    @property
+    def graph_safe(self) -> bool:
+        """Whether a step in which every sequence decodes runs on device tensors only (no host reads,
+        no shapes from the host's context lengths): what a CUDA graph of the step needs."""
+        return False
+
     @abstractmethod
     def forward(
         self,

@@ -59,6 +59,10 @@ class CudaAttention(SDPAAttention):
             from .kernels.paged_decode import paged_decode
         self.paged_decode = paged_decode
 
+    @property
+    def graph_safe(self) -> bool:
+        return self.paged_decode is not None
+
     def _prefill(self, q, out, k_cache, v_cache, meta: AttentionMetadata, prefills) -> None:
         if self.flash is None or q.dtype not in (torch.float16, torch.bfloat16):
             return super()._prefill(q, out, k_cache, v_cache, meta, prefills)
@@ -79,5 +83,7 @@ class CudaAttention(SDPAAttention):
 
 
 def _decode_tables(meta: AttentionMetadata, seqs: list[int], device):
+    if len(seqs) == meta.block_tables.shape[0]:  # every sequence decodes: the step's own tensors
+        return meta.block_tables, meta.context_lens
     index = torch.tensor(seqs, device=device)
     return meta.block_tables[index], meta.context_lens[index]

@@ -24,8 +24,9 @@ class SDPAAttention(AttentionBackend):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         prefills, decode_rows, decode_seqs = split_step(meta)
-        if prefills:
-            self._prefill(q, out, k_cache, v_cache, meta, prefills)
+        if not prefills:  # every row decodes, in order: no indexing (a CUDA graph's step)
+            return self._decode(q, k_cache, v_cache, meta, decode_seqs)
+        self._prefill(q, out, k_cache, v_cache, meta, prefills)
         if decode_seqs:
             out[decode_rows] = self._decode(q[decode_rows], k_cache, v_cache, meta, decode_seqs)
         return out

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     e.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                    help="share each step's --max-num-batched-tokens between running decodes and prompt chunks")
+    e.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs for decode steps (captured at start-up on CUDA otherwise)")
     e.add_argument("--seed", type=int, default=0, help="the sampler's seed for requests without their own")
     return p
 
@@ -160,7 +162,7 @@ def serve(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         num_blocks=args.num_gpu_blocks_override, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
-        seed=args.seed,
+        enforce_eager=args.enforce_eager, seed=args.seed,
     ))  # fmt: skip
     broadcast = None
     if tp > 1:
