@@ -76,9 +76,22 @@ def performance_paths(output_dir, family, task_type, task, data_type, model, mod
           performance_<model_type>_batch<bs>_tp<tp>_result.csv (+ .json)
     and for performance_maxbs (no batch size: it is the answer) performance_maxbs_<model_type>_tp<tp>_
     <suffix>.csv, suffix round_result (every probe) or final_result."""
-    rel = Path(family, f"{task_type}_test", task, data_type, model)
     batch = f"_batch{batch_size}" if batch_size is not None else ""
-    stem = f"{task_type}_{model_type}{batch}_tp{tp}"
+    return _performance(output_dir, Path(family, f"{task_type}_test", task, data_type, model),
+                        f"{task_type}_{model_type}{batch}_tp{tp}", suffix)  # fmt: skip
+
+
+def endpoint_performance_paths(output_dir, task_type, task, served_model: str, batch_size: int | None = None,
+                               suffix: str = "result") -> RunPaths:  # fmt: skip
+    """performance_paths for an endpoint (--backend openai): no device, dtype, model type or tp of this
+    machine, so none is named (as endpoint_paths)
+      <output_dir>/results/openai/performance_test/<task>/<served model>/performance_batch<bs>_result.csv"""
+    batch = f"_batch{batch_size}" if batch_size is not None else ""
+    rel = Path(ENDPOINT, f"{task_type}_test", task, served_folder(served_model))
+    return _performance(output_dir, rel, f"{task_type}{batch}", suffix)
+
+
+def _performance(output_dir, rel: Path, stem: str, suffix: str) -> RunPaths:
     results = Path(output_dir, "results", rel)
     return RunPaths(results / f"{stem}_{suffix}.csv", results / f"{stem}_{suffix}.json",
                     Path(output_dir, "debug", rel, stem))  # fmt: skip
@@ -100,8 +113,12 @@ def endpoint_paths(output_dir, task_type, task, served_model: str) -> RunPaths:
     machine played a part, so the path names none; the served model's name does (made one safe folder
     name: vLLM serves a model under its path, e.g. /models/qwen-vl -> models_qwen-vl).
       <output_dir>/results/openai/<task_type>_test/<task>/<served model>/<task>_result.csv"""
-    folder = re.sub(r"[^\w.-]+", "_", served_model).strip("._") or "model"
-    return _paths(output_dir, Path(ENDPOINT, f"{task_type}_test", task, folder), task)
+    return _paths(output_dir, Path(ENDPOINT, f"{task_type}_test", task, served_folder(served_model)), task)
+
+
+def served_folder(served_model: str) -> str:
+    """A served model's name as one safe folder name (vLLM serves a model under its path)."""
+    return re.sub(r"[^\w.-]+", "_", served_model).strip("._") or "model"
 
 
 def _paths(output_dir, rel: Path, stem: str) -> RunPaths:

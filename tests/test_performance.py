@@ -6,6 +6,10 @@
   only in the last row; the JSON's percentiles consistent with the CSV's times;
 - maxbs bisection against a stub backend whose non-first token time is its batch size in ms (and that
   runs out of memory above 40): the answer, and every probe in _round_result.csv;
+- against `python -m engine.serve` on the tiny Qwen-VL (--backend openai): the endpoint counts exactly
+  In_seq prompt tokens (chat template and image included) and streams Out_seq tokens, each timed; a case
+  too short for the template and image is its row's error, one line, and the exit code says so; results
+  under results/openai/... naming the endpoint, with the client's clock defined;
 - history and compare on two performance runs: a slower candidate FAILs, one within --max_slowdown PASSes;
 - bad keys and backends: one line, exit 2.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -274,7 +279,7 @@ def test_bad_performance_keys(tmp_path, capsys, keys, said):
     assert said in err and len(err.splitlines()) == 1 and err.startswith("modeltest: error: ")
 
 
-@pytest.mark.parametrize("backend", ["hf", "openai"])
+@pytest.mark.parametrize("backend", ["hf"])
 def test_backends_that_cannot_time_tokens_are_refused(tmp_path, capsys, backend):
     task = write_yaml(tmp_path / "task.yaml", {"task_type": "performance", "task_name": "synthetic",
                                                "case_pair": [[300, 8]]})  # fmt: skip
@@ -367,3 +372,50 @@ def test_a_failed_case_is_a_row_the_run_goes_on_and_the_files_say_they_are_unfin
     ok = run(_model(), task, RunOptions(output_dir=str(tmp_path / "ok"), progress=False, max_error_rate=1.0),
              Stub(memory=40))  # fmt: skip
     assert ok.exit_code == 0
+
+
+def test_an_endpoint_runs_the_exact_token_counts_streamed(qwen_vl_ckpt, tmp_path, capsys):
+    import subprocess
+
+    from test_openai_backend import _listening
+
+    proc = subprocess.Popen([sys.executable, "-m", "engine.serve", str(qwen_vl_ckpt), "--port", "0", "--device", "cpu",
+                             "--dtype", "float32"], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        url = _listening(proc, timeout_s=180)
+        task = write_yaml(tmp_path / "task.yaml", {"task_type": "performance", "task_name": "synthetic",
+                                                   "case_pair": [[SPAN + 40, 3], [SPAN + 8, 2], [SPAN + 90, 4]],
+                                                   "batch_size": [2], "with_image": True, "warmup_rounds": 1})  # fmt: skip
+        model = write_yaml(tmp_path / "model.yaml", {"model_name": "tiny", "backend": "openai", "base_url": f"{url}/v1"})
+        code = main(["--model_config_path", str(model), "--task_config_path", str(task), "--output_dir",
+                     str(tmp_path / "out"), "--no_progress"])  # fmt: skip
+        short = write_yaml(tmp_path / "short.yaml", {"task_type": "performance", "task_name": "synthetic",
+                                                     "case_pair": [[SPAN, 2]], "with_image": True})  # fmt: skip
+        refused = main(["--model_config_path", str(model), "--task_config_path", str(short), "--output_dir",
+                        str(tmp_path / "short"), "--no_progress", "--device", "cpu"])  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("modeltest")]
+    assert code == 3  # the short case failed (--max_error_rate 0)
+    [found] = list((tmp_path / "out").glob("results/openai/performance_test/synthetic/*/performance_batch2_result.json"))
+    summary = json.loads(found.read_text())
+    assert summary["endpoint"] == {"base_url": f"{url}/v1", "served_model": str(qwen_vl_ckpt)}
+    assert summary["device"] is None and "streamed chunk" in summary["definitions"]["clock"]
+    ran = [c for c in summary["cases"] if c["error"] is None]
+    assert [(c["input_len"], c["output_len"]) for c in ran] == [(SPAN + 40, 3), (SPAN + 90, 4)]
+    for case in ran:
+        assert case["input_tokens"] == [case["input_len"]] * 2 and case["output_tokens"] == [case["output_len"]] * 2
+        assert 0 < case["first_token_time_ms"] and case["ttft_ms"]["p99"] <= case["first_token_time_ms"] + 1e-6
+        assert case["itl_ms"]["mean"] > 0
+    short = summary["cases"][1]
+    assert "cannot hold this endpoint's chat template and image" in short["error"]
+    assert [line for line in err if "failed" in line] == [
+        f"modeltest: performance: batch 2, {SPAN + 8} in / 2 out: failed: {short['error']}",
+        "modeltest: 1 of 3 cases failed (more than --max_error_rate 0.0)"]  # fmt: skip
+    rows = _csv(found.with_suffix(".csv"))
+    assert rows[0] == COLUMNS and rows[2][4] == f"error: {short['error']}"
+    # the endpoint's image takes more than its span: Picture 1:, <img>, 256 slots, </img> and a newline
+    assert err[-2] == "modeltest: note: --device does not apply on the openai backend: the endpoint runs the model"
+    span = int(re.search(r"one image's span of (\d+) tokens", err[-1])[1])
+    assert refused == 2 and span > SPAN and not list((tmp_path / "short").rglob("*.csv"))

@@ -17,6 +17,11 @@ that still fails, or that the endpoint refuses (a 400: the prompt is too long, .
 error naming the status and the endpoint's message. `check()` asks GET /models once, before any work:
 an endpoint that cannot be reached, refuses the key or does not serve the model stops the run there.
 
+task_type performance (`run_timed`): a batch is that many streamed chat completions sent at once, each
+prompt random filler words (one token each) sized so the endpoint counts exactly the input length, with
+vLLM's ignore_eos / min_tokens for an exact output length and logprobs so every token is timed as its chunk
+arrives (see run_timed).
+
 The API key (`--api_key`, `api_key` in the model config, else $OPENAI_API_KEY, else "EMPTY" as vLLM's
 examples send to a server started without --api-key) goes only into the Authorization header: config
 dumps leave it out (config.to_dict) and every message this module makes has it masked.
@@ -33,7 +38,7 @@ import os
 import time
 
 from ..errors import ModelTestError
-from .base import Backend, Generation, ImageBytes, Request, SampleError, image_name, open_image
+from .base import Backend, Generation, ImageBytes, Request, SampleError, TimedBatch, image_name, open_image
 
 # the formats the OpenAI API takes as image input, sent as they are; any other is decoded and sent as PNG
 SENT_AS_IS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
@@ -41,6 +46,14 @@ NO_KEY = "EMPTY"  # what vLLM's examples send to a server that checks no key
 LIST_TIMEOUT_S = 30.0  # GET /models answers at once from a server that is up
 TASK_NAME = "modeltest request"  # each request's asyncio task is named so, with its id
 WINDOW = 1024  # requests per generate() call; at its end the last few drain before the next window starts
+
+# Performance prompts (task_type performance) are runs of these words, each one token with its leading space in
+# Qwen's vocabulary and in most BPE vocabularies; the endpoint's own counts check that before they are used.
+FILLER_WORDS = tuple(f" {w}" for w in (
+    "the of and to in is it for on with as at by from this that be are was not or an have has but all one two "
+    "new more time year day way man world life work part place case week number group point home water room "
+    "money story fact month book eye job word side kind head house friend hour game line").split())  # fmt: skip
+PERF_IMAGE = 448  # pixels a side: a performance request's random-noise image
 
 # Per request (one asyncio task each): when its latest attempt was sent and how many there were, set by the
 # HTTP client's request hook, which runs once per attempt (the openai client's retries included).
@@ -51,6 +64,7 @@ class OpenAIBackend(Backend):
     name = "openai"
     streams = True
     remote = True
+    times_tokens = True
 
     @classmethod
     def check(cls, model_cfg, tp: int = 1) -> None:
@@ -103,6 +117,7 @@ class OpenAIBackend(Backend):
         http = openai.DefaultAsyncHttpxClient(event_hooks={"request": [_on_attempt]})
         self._client = openai.AsyncOpenAI(base_url=self.url, api_key=self._key, max_retries=model_cfg.max_retries,
                                           timeout=model_cfg.timeout, http_client=http)  # fmt: skip
+        self._overheads: dict[bool, int] = {}  # with_image -> prompt tokens besides the filler words
 
     def generate(self, requests: list[Request], on_result=None) -> list[Generation]:
         results: list[Generation | None] = [None] * len(requests)
@@ -172,6 +187,101 @@ class OpenAIBackend(Backend):
             e2e_time=end - sent,
             extra=extra_out,
         )
+
+    # ---- task_type performance ----------------------------------------------------------------------
+
+    def image_span_tokens(self) -> int:
+        """The prompt tokens one image adds on this endpoint (its chat template's image markers included)."""
+        return self._overhead(True) - self._overhead(False)
+
+    def run_timed(self, input_len: int, output_len: int, batch_size: int, with_image: bool, seed: int) -> TimedBatch:
+        """`batch_size` streamed chat completions sent at once, as `vllm bench serve` sends its random
+        prompts: each a run of random filler words (one token each) sized so that the endpoint counts
+        exactly `input_len` prompt tokens (its chat template, and with `with_image` a 448x448 random-noise
+        PNG first, included), `ignore_eos` and `min_tokens` = max_tokens = `output_len` (vLLM's extra
+        parameters), `logprobs` with no alternatives so every token shows in the stream, timed when the
+        chunk carrying it arrives. The images are encoded before the clock starts; sending them is in
+        TTFT, as a client sees it."""
+        import numpy as np
+
+        fixed = self._overhead(with_image)
+        words = input_len - fixed
+        if words < 1:
+            what = "chat template and image" if with_image else "chat template"
+            raise SampleError(f"{input_len} input tokens cannot hold this endpoint's {what} ({fixed} tokens) and a word")
+        rng = np.random.default_rng(seed)
+        contents = []
+        for _ in range(batch_size):
+            parts = [{"type": "image_url", "image_url": {"url": data_url(_noise_image(rng))}}] if with_image else []
+            parts.append({"type": "text", "text": "".join(rng.choice(FILLER_WORDS, words))})
+            contents.append(parts)
+
+        async def batch():
+            return await asyncio.gather(*(self._timed(c, output_len) for c in contents), return_exceptions=True)
+
+        submitted = time.perf_counter()
+        results = self._loop.run_until_complete(batch())
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise failed if isinstance(failed, SampleError) else SampleError(f"{type(failed).__name__}: {failed}")
+        return TimedBatch(submitted=submitted, input_tokens=[n for n, _ in results], token_times=[t for _, t in results],
+                          engine={"endpoint": self.url, "served_model": self.cfg.served_model})  # fmt: skip
+
+    async def _timed(self, content: list[dict], output_len: int) -> tuple[int, list[float]]:
+        """One performance request: (prompt tokens as the endpoint counted them, each token's arrival time)."""
+        times, usage, untimed = [], None, False
+        try:
+            stream = await self._client.chat.completions.create(
+                model=self.cfg.served_model, messages=[{"role": "user", "content": content}], max_tokens=output_len,
+                temperature=0, stream=True, stream_options={"include_usage": True}, logprobs=True, top_logprobs=0,
+                extra_body={"ignore_eos": True, "min_tokens": output_len},
+            )  # fmt: skip
+            async with stream:
+                async for chunk in stream:
+                    now = time.perf_counter()
+                    usage = chunk.usage or usage
+                    for choice in chunk.choices:
+                        tokens = choice.logprobs.content if choice.logprobs is not None else None
+                        if tokens:
+                            times += [now] * len(tokens)
+                        elif choice.delta is not None and choice.delta.content:
+                            untimed = True
+        except Exception as e:  # noqa: BLE001 - the endpoint's or the network's failure is the case's
+            raise SampleError(_redact(self._failure(e, 1), self._key)) from None
+        if usage is None:
+            raise SampleError(f"{self.url} sent no usage (stream_options.include_usage): the input length is unknown")
+        if untimed or len(times) != usage.completion_tokens:
+            raise SampleError(f"{self.url} streamed {len(times)} logprobs for {usage.completion_tokens} tokens: "
+                              "timing each token needs one logprob per token in the stream (logprobs: true)")  # fmt: skip
+        return usage.prompt_tokens, times
+
+    def _overhead(self, with_image: bool) -> int:
+        """The prompt tokens besides the filler words (the chat template's; with `with_image` the image's
+        too), from the endpoint's counts of two probes (one word, every word), which also check that each
+        filler word is one token. Asked once per kind."""
+        import numpy as np
+
+        if with_image not in self._overheads:
+            image = [{"type": "image_url", "image_url": {"url": data_url(_noise_image(np.random.default_rng(0)))}}]
+            first = (image if with_image else []) + [{"type": "text", "text": FILLER_WORDS[0]}]
+            every = (image if with_image else []) + [{"type": "text", "text": "".join(FILLER_WORDS)}]
+            one, many = (self._loop.run_until_complete(self._prompt_tokens(c)) for c in (first, every))
+            if many - one != len(FILLER_WORDS) - 1:
+                raise SampleError(f"{self.url} counts {many - one + 1} tokens for the {len(FILLER_WORDS)} filler words "
+                                  "of a performance prompt (one each is needed for an exact input length); its "
+                                  "tokenizer is not a BPE one like Qwen's: run performance on --backend engine")  # fmt: skip
+            self._overheads[with_image] = one - 1
+        return self._overheads[with_image]
+
+    async def _prompt_tokens(self, content: list[dict]) -> int:
+        try:
+            reply = await self._client.chat.completions.create(
+                model=self.cfg.served_model, messages=[{"role": "user", "content": content}], max_tokens=1, temperature=0)
+        except Exception as e:  # noqa: BLE001
+            raise SampleError(_redact(self._failure(e, 1), self._key)) from None
+        if reply.usage is None:
+            raise SampleError(f"{self.url} reports no usage: a performance prompt's input length cannot be known")
+        return reply.usage.prompt_tokens
 
     def _failure(self, e: Exception, attempts: int) -> str:
         """A failed request as one line: the status and the endpoint's own message, and how often it was tried."""
@@ -272,6 +382,13 @@ def _messages(request: Request) -> tuple[list[dict], list[dict]]:
             sent.append({"type": "text", "text": part["text"]})
             shown.append(sent[-1])
     return [{"role": "user", "content": sent}], [{"role": "user", "content": shown}]
+
+
+def _noise_image(rng):
+    """A PERF_IMAGE-sized RGB image of uniform random pixels (no two requests send the same one)."""
+    from PIL import Image
+
+    return Image.fromarray(rng.integers(0, 256, (PERF_IMAGE, PERF_IMAGE, 3), dtype="uint8"))
 
 
 def data_url(image) -> str:

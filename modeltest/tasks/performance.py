@@ -32,7 +32,7 @@ from ..backends.base import Backend, SampleError, TimedBatch, backend_class, che
 from ..config import ModelConfig, TaskConfig, notices, to_dict
 from ..errors import EXIT_TOO_MANY_ERRORS, ModelTestError
 from ..metrics.latency import HEADLINE, describe
-from ..output import RunPaths, performance_paths, write_csv, write_json
+from ..output import RunPaths, endpoint_performance_paths, performance_paths, write_csv, write_json
 
 # task_name of a performance task -> what its prompts are
 PERFORMANCE_TASKS = {"synthetic": "random tokens (and a random-noise image) made to the exact input length"}
@@ -46,9 +46,6 @@ FINAL_COLUMNS = ["Model", "In_seq", "Out_seq", "Max batchsize", "Non-first token
 REFUSED = {
     "hf": "transformers' generate neither builds prompts of an exact token length nor times each token of a "
           "batch; run performance on --backend engine",
-    "openai": "an endpoint's prompts cannot be made to an exact token length without the model's tokenizer, and "
-              "its times include the network; run performance on --backend engine (python -m engine.serve's "
-              "bench measures a server)",
 }  # fmt: skip
 DEFINITIONS = {
     "clock": "time.perf_counter() on the host; a token's time is when the engine step that made it returned, "
@@ -65,13 +62,20 @@ DEFINITIONS = {
     "itl_ms": "every gap between two consecutive tokens of a request",
     "e2e_latency_ms": "per request: last token - submitted",
 }  # fmt: skip
+# an endpoint's (--backend openai) clock: what this machine sees of the server, as vllm bench serve measures
+ENDPOINT_DEFINITIONS = {
+    "clock": "time.perf_counter() on this host (the client); a token's time is when the streamed chunk carrying it "
+             "arrived (one logprob entry per token), so the network and the server's own queueing are in it",
+    "submitted": "just before the batch's requests were sent, all at once (their images already encoded)",
+    "input tokens": "as the endpoint counted them (usage.prompt_tokens), its chat template and image included",
+}  # fmt: skip
 
 
 def run_performance(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts, backend: Backend | None = None):
     """Run a performance or performance_maxbs task (runner.run hands them here). `backend` may be passed
     in ready-made (tests); otherwise it is built after every input check."""
     from ..parallel import init, layout
-    from ..runner import RunResult, _check_writable, _device
+    from ..runner import ENDPOINT_FAMILY, RunResult, _check_writable, _device
 
     if task_cfg.task_name not in PERFORMANCE_TASKS:
         raise ModelTestError(f"task_type: {task_cfg.task_type} runs task_name: synthetic (prompts made to the exact "
@@ -85,6 +89,7 @@ def run_performance(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts, b
         raise ModelTestError(f"task_type: {task_cfg.task_type} is not available on the {name} backend: {REFUSED[name]}")
     if backend is None and not backend_class(name).times_tokens:  # (an unknown name is refused here too)
         raise ModelTestError(f"the {name} backend cannot time tokens")
+    remote = backend_class(name).remote  # an endpoint: it runs the batches on its own device
     lay = layout(opts.tp, opts.dp, planned=opts.check_only)
     if lay.dp > 1:
         raise ModelTestError(f"a performance run measures one copy of the model: --dp {lay.dp} would split the "
@@ -96,16 +101,26 @@ def run_performance(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts, b
     if any(b < 1 for b in sizes):
         raise ModelTestError(f"--batch_size must be >= 1, got {opts.batch_size}")
     if backend is None:
-        check_model_path(model_cfg)
-        if opts.check_only:
+        if remote:  # the endpoint answers and serves the model (named in the paths) before anything is written
             backend_class(name).check(model_cfg, lay.tp)
-    device, family = _device(name, opts.device, backend, lay)
+        else:
+            check_model_path(model_cfg)
+            if opts.check_only:
+                backend_class(name).check(model_cfg, lay.tp)
     maxbs = task_cfg.task_type == "performance_maxbs"
-    where = dict(output_dir=opts.output_dir, family=family, task_type=task_cfg.task_type, task=task_cfg.task_name,
-                 data_type=model_cfg.data_type, model=model_cfg.model_name, model_type=model_cfg.model_type,
-                 tp=lay.tp)  # fmt: skip
-    files = ([performance_paths(**where, suffix=s) for s in ("round_result", "final_result")] if maxbs
-             else [performance_paths(**where, batch_size=b) for b in sizes])  # fmt: skip
+    if remote:
+        device, family = None, ENDPOINT_FAMILY
+        where = dict(output_dir=opts.output_dir, task_type=task_cfg.task_type, task=task_cfg.task_name,
+                     served_model=model_cfg.served_model)  # fmt: skip
+        make = endpoint_performance_paths
+    else:
+        device, family = _device(name, opts.device, backend, lay)
+        where = dict(output_dir=opts.output_dir, family=family, task_type=task_cfg.task_type, task=task_cfg.task_name,
+                     data_type=model_cfg.data_type, model=model_cfg.model_name, model_type=model_cfg.model_type,
+                     tp=lay.tp)  # fmt: skip
+        make = performance_paths
+    files = ([make(**where, suffix=s) for s in ("round_result", "final_result")] if maxbs
+             else [make(**where, batch_size=b) for b in sizes])  # fmt: skip
     for paths in files:
         _check_writable(paths, dry=opts.check_only)
     if opts.check_only:
@@ -116,6 +131,9 @@ def run_performance(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts, b
     if lay.main:
         for line in notices(model_cfg, task_cfg, name):
             print(f"modeltest: note: {line}", file=sys.stderr)
+        if remote and opts.device:
+            print(f"modeltest: note: --device does not apply on the {name} backend: the endpoint runs the model",
+                  file=sys.stderr)  # fmt: skip
     init(lay)
     created = None
     started = time.time()
@@ -130,9 +148,12 @@ def run_performance(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts, b
                                      f"span of {span} tokens (with_image: true); make every input at least {span} "
                                      "tokens, or set with_image: false")  # fmt: skip
         run = _Measure(backend, task_cfg, model_cfg.model_name)
-        context = {"device": device, "family": family, "dtype": model_cfg.data_type, "tp": lay.tp,
-                   "backend": name, "device_name": _device_name(device), "model": model_cfg,
-                   "task": task_cfg, "started": started, "opts": opts}  # fmt: skip
+        context = {"device": device, "family": family, "dtype": None if remote else model_cfg.data_type, "tp": lay.tp,
+                   "backend": name, "device_name": None if remote else _device_name(device), "model": model_cfg,
+                   "task": task_cfg, "started": started, "opts": opts,
+                   "definitions": {**DEFINITIONS, **ENDPOINT_DEFINITIONS} if remote else DEFINITIONS,
+                   "endpoint": {"base_url": model_cfg.base_url, "served_model": model_cfg.served_model} if remote
+                   else None}  # fmt: skip
         if maxbs:
             result = _run_maxbs(run, files, context, lay.main)
         else:
@@ -224,6 +245,8 @@ def _fingerprint(task_cfg: TaskConfig, batch_size, ctx: dict) -> str:
     hardware class (device family, tp, dtype) - a history baseline is only taken from a run that matches."""
     key = {"cases": task_cfg.case_pair, "batch_size": batch_size, "with_image": task_cfg.with_image,
            "family": ctx["family"], "tp": ctx["tp"], "dtype": ctx["dtype"], "kind": task_cfg.task_type}  # fmt: skip
+    if ctx["endpoint"] is not None:  # an endpoint's runs compare with the same endpoint's
+        key["endpoint"] = ctx["endpoint"]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -246,7 +269,8 @@ def _summary(ctx: dict, task: str, batch_size, cases: list[dict], paths: RunPath
         "errors": errors,
         "error_rate": errors / len(cases) if cases else 0.0,
         "cases": cases,
-        "definitions": DEFINITIONS,
+        "definitions": ctx["definitions"],
+        "endpoint": ctx["endpoint"],
         "device": ctx["device"],
         "device_name": ctx["device_name"],
         "dtype": ctx["dtype"],
