@@ -11,6 +11,7 @@
   too short for the template and image is its row's error, one line, and the exit code says so; results
   under results/openai/... naming the endpoint, with the client's clock defined;
 - history and compare on two performance runs: a slower candidate FAILs, one within --max_slowdown PASSes;
+- --tp 2 under torchrun: rank 0's figures written, the ranks in lockstep (maxbs too);
 - bad keys and backends: one line, exit 2.
 """
 
@@ -338,17 +339,30 @@ def test_the_batch_size_flag_overrides_the_task_list(tmp_path, monkeypatch):
     assert seen == [([4], 4), ([1, 16], 1)]
 
 
-def test_torchrun_is_refused_for_now(tmp_path, capsys, monkeypatch):
-    """Tensor-parallel performance runs are not supported yet: one line before anything loads."""
-    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2")):
-        monkeypatch.setenv(name, value)
-    task = write_yaml(tmp_path / "task.yaml", {"task_type": "performance", "task_name": "synthetic",
-                                               "case_pair": [[300, 8]]})  # fmt: skip
-    model = write_yaml(tmp_path / "model.yaml", {"model_name": "tiny", "model_path": str(tmp_path)})
-    assert main(["--model_config_path", str(model), "--task_config_path", str(task), "--tp", "2"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "is not supported yet" in err and len(err.splitlines()) == 1
+def test_tensor_parallel_under_torchrun_writes_what_rank_0_measured(qwen_vl_ckpt, tmp_path):
+    """--tp 2 under torchrun (gloo, 2 processes): the ranks run the same batches in lockstep, rank 0 writes
+    the seed's _tp2 files with the exact token counts; performance_maxbs decides every probe from rank 0's
+    figures, so the ranks never part ways (a hang would time out)."""
+    from dist_worker import torchrun
 
+    model = write_yaml(tmp_path / "model.yaml", {"model_name": "tiny", "model_path": str(qwen_vl_ckpt),
+                                                 "data_type": "fp32", "block_size": 16})  # fmt: skip
+    perf = write_yaml(tmp_path / "perf.yaml", {"task_type": "performance", "task_name": "synthetic",
+                                               "case_pair": [[SPAN + 12, 3]], "batch_size": [2]})  # fmt: skip
+    maxbs = write_yaml(tmp_path / "maxbs.yaml", {"task_type": "performance_maxbs", "task_name": "synthetic",
+                                                 "case_pair": [[SPAN + 4, 2]], "batch_size": [1, 3],
+                                                 "max_non_first_token_time_ms": 1e6})  # fmt: skip
+    for task in (perf, maxbs):
+        done = torchrun(2, "-m", "modeltest", "--model_config_path", str(model), "--task_config_path", str(task),
+                        "--tp", "2", "--device", "cpu", "--output_dir", str(tmp_path / "out"), "--no_progress")  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(_files(tmp_path / "out", "performance_pa_batch2_tp2_result.json")[0].read_text())
+    [case] = summary["cases"]
+    assert summary["tp"] == 2 and case["error"] is None
+    assert case["input_tokens"] == [SPAN + 12] * 2 and case["output_tokens"] == [3] * 2
+    rows = _csv(_files(tmp_path / "out", "performance_maxbs_pa_tp2_final_result.csv")[0])
+    assert rows[1][3] == "3" and rows[1][-1] == "1 3"  # under the limit at 1, then at 3: the answer
+    assert len(_csv(_files(tmp_path / "out", "performance_maxbs_pa_tp2_round_result.csv")[0])) == 3
 
 def test_a_failed_case_is_a_row_the_run_goes_on_and_the_files_say_they_are_unfinished(tmp_path):
     """A case that cannot run (out of memory) is its row's error, the next case still runs, the exit code

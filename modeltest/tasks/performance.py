@@ -91,12 +91,12 @@ def run_performance(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts, b
         raise ModelTestError(f"the {name} backend cannot time tokens")
     remote = backend_class(name).remote  # an endpoint: it runs the batches on its own device
     lay = layout(opts.tp, opts.dp, planned=opts.check_only)
+    if remote and lay.world > 1:
+        raise ModelTestError(f"an endpoint (--backend {name}) runs the model on its own devices: run the harness as "
+                             "one process, without torchrun")  # fmt: skip
     if lay.dp > 1:
         raise ModelTestError(f"a performance run measures one copy of the model: --dp {lay.dp} would split the "
                              "batch; run one copy per device separately")  # fmt: skip
-    if lay.world > 1:  # every rank would run the same batches and rank 0 write them: not tested under torchrun yet
-        raise ModelTestError(f"a performance run is one process for now (--tp {lay.tp} under torchrun is not "
-                             "supported yet): launch it without torchrun, on one device")  # fmt: skip
     sizes = task_cfg.batch_size or [opts.batch_size]  # the task's list, else --batch_size
     if any(b < 1 for b in sizes):
         raise ModelTestError(f"--batch_size must be >= 1, got {opts.batch_size}")
@@ -147,7 +147,7 @@ def run_performance(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts, b
                 raise ModelTestError(f"case_pair: input length {short[0][0]} (of {short[0]}) is shorter than one image's "
                                      f"span of {span} tokens (with_image: true); make every input at least {span} "
                                      "tokens, or set with_image: false")  # fmt: skip
-        run = _Measure(backend, task_cfg, model_cfg.model_name)
+        run = _Measure(backend, task_cfg, model_cfg.model_name, lay)
         context = {"device": device, "family": family, "dtype": None if remote else model_cfg.data_type, "tp": lay.tp,
                    "backend": name, "device_name": None if remote else _device_name(device), "model": model_cfg,
                    "task": task_cfg, "started": started, "opts": opts,
@@ -167,13 +167,21 @@ def run_performance(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts, b
 class _Measure:
     """Runs the cases on a backend: figures per (batch size, case), each round's seed distinct."""
 
-    def __init__(self, backend: Backend, task_cfg: TaskConfig, model: str):
-        self.backend, self.cfg, self.model = backend, task_cfg, model
+    def __init__(self, backend: Backend, task_cfg: TaskConfig, model: str, lay=None):
+        self.backend, self.cfg, self.model, self.lay = backend, task_cfg, model, lay
         self.batches = 0  # every batch run gets its own seed: no two share a prompt
 
     def case(self, batch_size: int, input_len: int, output_len: int) -> dict:
         """The case's figures (the seed's, averaged over the rounds, and the per-request statistics over
-        every measured request), or {"error": ...}."""
+        every measured request), or {"error": ...}. Under tensor parallelism every rank runs the same
+        batches in lockstep (the engine's ranks step together) and all take rank 0's figures, so what
+        is decided from them (performance_maxbs's next probe) is decided the same everywhere."""
+        from ..parallel import broadcast
+
+        case = self._case(batch_size, input_len, output_len)
+        return broadcast(case, self.lay) if self.lay is not None else case
+
+    def _case(self, batch_size: int, input_len: int, output_len: int) -> dict:
         case = {"batch_size": batch_size, "input_len": input_len, "output_len": output_len}
         rounds: list[TimedBatch] = []
         try:
