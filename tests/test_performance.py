@@ -12,6 +12,7 @@
   under results/openai/... naming the endpoint, with the client's clock defined;
 - history and compare on two performance runs: a slower candidate FAILs, one within --max_slowdown PASSes;
 - --tp 2 under torchrun: rank 0's figures written, the ranks in lockstep (maxbs too);
+- a second run on the same folder while one measures: refused, naming the holder;
 - bad keys and backends: one line, exit 2.
 """
 
@@ -433,3 +434,18 @@ def test_an_endpoint_runs_the_exact_token_counts_streamed(qwen_vl_ckpt, tmp_path
     assert err[-2] == "modeltest: note: --device does not apply on the openai backend: the endpoint runs the model"
     span = int(re.search(r"one image's span of (\d+) tokens", err[-1])[1])
     assert refused == 2 and span > SPAN and not list((tmp_path / "short").rglob("*.csv"))
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_one_measures(tmp_path):
+    from modeltest.errors import ModelTestError
+    from modeltest.parallel import RunLock
+
+    task = _task(case_pair=[[32, 5]], batch_size=[2])
+    held = RunLock(tmp_path / "debug/CPU/performance_test/synthetic/fp32/tiny").acquire()
+    try:
+        with pytest.raises(ModelTestError, match=r"is being written by pid \d+ on .*; wait for that run to end"):
+            run(_model(), task, RunOptions(output_dir=str(tmp_path), progress=False), Stub())
+        assert not list(tmp_path.rglob("*.csv"))
+    finally:
+        held.release()
+    assert run(_model(), task, RunOptions(output_dir=str(tmp_path), progress=False), Stub()).exit_code == 0

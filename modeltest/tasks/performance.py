@@ -74,7 +74,7 @@ ENDPOINT_DEFINITIONS = {
 def run_performance(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts, backend: Backend | None = None):
     """Run a performance or performance_maxbs task (runner.run hands them here). `backend` may be passed
     in ready-made (tests); otherwise it is built after every input check."""
-    from ..parallel import init, layout
+    from ..parallel import RunLock, broadcast, init, layout
     from ..runner import ENDPOINT_FAMILY, RunResult, _check_writable, _device
 
     if task_cfg.task_name not in PERFORMANCE_TASKS:
@@ -124,6 +124,7 @@ def run_performance(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts, b
     for paths in files:
         _check_writable(paths, dry=opts.check_only)
     if opts.check_only:
+        RunLock(files[0].debug_dir.parent).probe()
         print("modeltest: check passed; a performance run writes " + ", ".join(str(p.result_csv) for p in files),
               file=sys.stderr)  # fmt: skip
         return RunResult([], 0.0, 0, 0, files[0])
@@ -135,7 +136,16 @@ def run_performance(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts, b
             print(f"modeltest: note: --device does not apply on the {name} backend: the endpoint runs the model",
                   file=sys.stderr)  # fmt: skip
     init(lay)
-    created = None
+    lock, created = None, None
+    refused = None
+    if lay.main:  # one run measures (and writes) at a time: another would share the device and the files
+        try:
+            lock = RunLock(files[0].debug_dir.parent).acquire()
+        except ModelTestError as e:
+            refused = str(e)
+    refused = broadcast(refused, lay)
+    if refused:
+        raise ModelTestError(refused)
     started = time.time()
     try:
         if backend is None:
@@ -161,6 +171,8 @@ def run_performance(model_cfg: ModelConfig | None, task_cfg: TaskConfig, opts, b
     finally:
         if created is not None:
             created.close()
+        if lock is not None:
+            lock.release()
     return result
 
 
