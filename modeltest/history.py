@@ -179,7 +179,8 @@ def plot(rows: list, path: Path | None = None) -> bytes:
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
     series: dict[tuple, list] = {}
     for r in rows:
-        series.setdefault((r["task"], r["model"], r["device"]), []).append(r)
+        if r["score"] is not None:  # (a run with no figure: a performance_maxbs case with no answer)
+            series.setdefault((r["task"], r["model"], r["device"]), []).append(r)
     for (task, model, device), points in series.items():
         x = [datetime.fromisoformat(p["finished_at"]) for p in points]
         y = [p["score"] for p in points]

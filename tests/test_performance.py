@@ -13,6 +13,7 @@
 - history and compare on two performance runs: a slower candidate FAILs, one within --max_slowdown PASSes;
 - --tp 2 under torchrun: rank 0's figures written, the ranks in lockstep (maxbs too);
 - a second run on the same folder while one measures: refused, naming the holder;
+- the history lists and plots performance runs, a maxbs run with no answer included;
 - bad keys and backends: one line, exit 2.
 """
 
@@ -449,3 +450,21 @@ def test_a_second_run_on_the_same_folder_is_refused_while_one_measures(tmp_path)
     finally:
         held.release()
     assert run(_model(), task, RunOptions(output_dir=str(tmp_path), progress=False), Stub()).exit_code == 0
+
+
+def test_the_history_plots_performance_runs_and_a_maxbs_run_without_an_answer(tmp_path, capsys):
+    db = tmp_path / "runs.db"
+    for name, limit in (("found", 10.5), ("none", 0.5)):  # 0.5 ms: even batch 1 is over, no answer
+        task = _task(task_type="performance_maxbs", case_pair=[[32, 5]], batch_size=[1, 64],
+                     max_non_first_token_time_ms=limit)  # fmt: skip
+        run(_model(), task, RunOptions(output_dir=str(tmp_path / name), history=str(db), progress=False), Stub())
+    _stub_run(tmp_path / "sizes", 1.0, db)
+    plot, page = tmp_path / "p.png", tmp_path / "r.html"
+    assert main(["history", "--db", str(db), "--plot", str(plot), "--html", str(page)]) == 0
+    assert plot.read_bytes()[:4] == b"\x89PNG" and "synthetic_maxbs" in page.read_text()
+    listed = capsys.readouterr().out
+    assert listed.count("synthetic_maxbs") == 2 and "synthetic_batch4" in listed
+    import sqlite3
+
+    scores = sqlite3.connect(db).execute("SELECT score FROM runs WHERE task = 'synthetic_maxbs' ORDER BY id").fetchall()
+    assert scores == [(10,), (None,)]

@@ -438,7 +438,9 @@ def _run_maxbs(run: _Measure, files: list[RunPaths], ctx: dict, main: bool):
     rows = [[run.model, f["input_len"], f["output_len"], f["max_batch_size"], _r(f["non_first_token_time_ms"]),
              limit, " ".join(map(str, f["probes"]))] for f in finals]  # fmt: skip
     write_csv(final_paths.result_csv, rows, FINAL_COLUMNS)
-    summary = _summary(ctx, f"{task_cfg.task_name}_maxbs", [lo, hi], probes, final_paths, "max_batch_size", None,
+    answers = [f["max_batch_size"] for f in finals]
+    value = None if None in answers else min(answers)  # the history's figure: the tightest case's answer
+    summary = _summary(ctx, f"{task_cfg.task_name}_maxbs", [lo, hi], probes, final_paths, "max_batch_size", value,
                        True)  # fmt: skip
     summary.update({"errors": 0, "error_rate": 0.0, "probes": summary.pop("cases"), "cases": finals,
                     "total": len(finals), "max_non_first_token_time_ms": limit})  # fmt: skip
