@@ -8,7 +8,8 @@ kernel emulated in torch (in-process) or run by Triton's interpreter (a subproce
   whose NTK factors and log-n scaling differ (seq_length 32) and batches padded to their bucket;
 - the padding rows write only the scratch block: every block the sequences used holds the eager
   engine's K/V;
-- on CPU, or with enforce_eager, nothing is captured; enforce_eager must be a bool.
+- on CPU, or with enforce_eager, nothing is captured; enforce_eager must be a bool; benchmarks/cuda_graphs.py
+  says it needs a GPU.
 """
 
 from __future__ import annotations
@@ -148,3 +149,9 @@ def test_decode_graphs_with_the_triton_kernel_in_the_interpreter(qwen_vl_ckpt_sh
                           capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "triton decode graphs OK" in proc.stdout
+
+
+def test_the_benchmark_says_it_needs_a_gpu():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cuda_graphs.py"), "--shape", "tiny"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.strip().endswith("needs a CUDA GPU (decode graphs exist only there)")
