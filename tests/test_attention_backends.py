@@ -1,5 +1,6 @@
 """Protects the attention backends behind the one interface: the torch reference must be each
-sequence's own attention however the step batches them, and each backend must equal it on
+sequence's own attention however the step batches them, with as many K/V heads as query heads or
+fewer (grouped-query and multi-query attention), and each backend must equal it on
 the paged cache — fresh prefills, prefills after a cached prefix, and batched decodes through
 shuffled block tables — and give the reference's greedy tokens inside the engine."""
 
@@ -16,11 +17,13 @@ from engine.attention.torch import TorchAttention
 from engine.errors import EngineError
 
 
-def _step(query_lens, context_lens, block_size=4, heads=3, dim=8, num_blocks=40, seed=0):
-    """Random q/k/v for one packed step and a cache whose earlier positions are already filled."""
+def _step(query_lens, context_lens, block_size=4, heads=3, dim=8, num_blocks=40, seed=0, kv_heads=None):
+    """Random q/k/v for one packed step and a cache whose earlier positions are already filled (K/V with
+    kv_heads heads: grouped-query attention when fewer than heads)."""
     g = torch.Generator().manual_seed(seed)
-    k_cache = torch.randn(num_blocks, block_size, heads, dim, generator=g)
-    v_cache = torch.randn(num_blocks, block_size, heads, dim, generator=g)
+    kv_heads = kv_heads or heads
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g)
     blocks = list(range(num_blocks))
     random.Random(seed).shuffle(blocks)
     tables, slots = [], []
@@ -39,20 +42,23 @@ def _step(query_lens, context_lens, block_size=4, heads=3, dim=8, num_blocks=40,
         block_size=block_size,
     )
     tokens = sum(query_lens)
-    q, k, v = (torch.randn(tokens, heads, dim, generator=g) for _ in range(3))
+    q = torch.randn(tokens, heads, dim, generator=g)
+    k, v = (torch.randn(tokens, kv_heads, dim, generator=g) for _ in range(2))
     return q, k, v, k_cache, v_cache, meta
 
 
-def test_the_torch_reference_is_each_sequences_own_attention():
+@pytest.mark.parametrize(("heads", "kv_heads"), [(3, 3), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+def test_the_torch_reference_is_each_sequences_own_attention(heads, kv_heads):
     # prefills batched by (query len, context len): two fresh 5-token ones together, one after a
     # cached prefix, one alone; decodes of different contexts padded to the longest
     query_lens, context_lens = [5, 1, 5, 7, 1, 5, 1], [5, 12, 9, 7, 3, 5, 6]
-    q, k, v, kc, vc, meta = _step(query_lens, context_lens)
+    q, k, v, kc, vc, meta = _step(query_lens, context_lens, heads=heads, kv_heads=kv_heads)
+    of_head = torch.arange(heads) // (heads // kv_heads)  # the K/V head each query head reads
     out = TorchAttention().forward(q, k, v, kc, vc, meta)  # the caches now hold the new K/V too
     start = 0
     for i, (qlen, ctx) in enumerate(zip(query_lens, context_lens, strict=True)):
         slots = torch.tensor([int(meta.block_tables[i, p // 4]) * 4 + p % 4 for p in range(ctx)])
-        keys, values = kc.flatten(0, 1)[slots], vc.flatten(0, 1)[slots]  # [ctx, heads, dim]
+        keys, values = kc.flatten(0, 1)[slots][:, of_head], vc.flatten(0, 1)[slots][:, of_head]  # [ctx, heads, dim]
         for j in range(qlen):  # query j sits at position ctx - qlen + j
             seen = ctx - qlen + j + 1
             scores = torch.einsum("hd,khd->hk", q[start + j], keys[:seen]) / 8**0.5
@@ -61,10 +67,11 @@ def test_the_torch_reference_is_each_sequences_own_attention():
         start += qlen
 
 
+@pytest.mark.parametrize("kv_heads", [3, 1])
 @pytest.mark.parametrize("name", ["sdpa"])
-def test_backend_equals_the_torch_reference(name):
+def test_backend_equals_the_torch_reference(name, kv_heads):
     # a fresh prefill, a decode, a prefill after a 9-token cached prefix, another decode
-    q, k, v, kc, vc, meta = _step([7, 1, 5, 1], [7, 12, 14, 3])
+    q, k, v, kc, vc, meta = _step([7, 1, 5, 1], [7, 12, 14, 3], kv_heads=kv_heads)
     ref = TorchAttention().forward(q, k, v, kc.clone(), vc.clone(), meta)
     kc2, vc2 = kc.clone(), vc.clone()
     out = get_attention_backend("cpu", name).forward(q, k, v, kc2, vc2, meta)
@@ -99,8 +106,11 @@ def test_sdpa_engine_gives_the_reference_tokens(qwen_vl_ckpt, qwen_vl_llm, photo
 
 
 def _bottom_right_causal(q, k, v):
-    """Attention of q [tq, h, d] over k/v [tk, h, d], query j at position tk - tq + j (flash-attn's
-    causal alignment, torch_npu's sparse_mode 3 rightDownCausal)."""
+    """Attention of q [tq, h, d] over k/v [tk, kv_h, d], query j at position tk - tq + j (flash-attn's
+    causal alignment, torch_npu's sparse_mode 3 rightDownCausal); with fewer K/V heads, query heads
+    0..g-1 read K/V head 0, and so on (flash-attn's documented GQA)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (torch.stack([t[:, h // group] for h in range(q.shape[1])], dim=1) for t in (k, v))
     tq, tk = q.shape[0], k.shape[0]
     scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
     future = torch.arange(tk)[None, :] > torch.arange(tk - tq, tk)[:, None]
@@ -127,7 +137,7 @@ class _TorchNPUEmulation:
 
     def npu_fused_infer_attention_score(self, query, key, value, **kw):
         self.calls.append(kw["input_layout"])
-        heads, scale = kw["num_heads"], kw["scale"]
+        heads, kv_heads, scale = kw["num_heads"], kw["num_key_value_heads"], kw["scale"]
         if kw["input_layout"] == "BSH":  # paged decode: key/value (blocknum, blocksize, H), block_table int32
             assert kw["block_table"].dtype == torch.int32 and query.shape[1] == 1
             n, _, hidden = query.shape
@@ -137,8 +147,8 @@ class _TorchNPUEmulation:
             for b in range(n):
                 length = kw["actual_seq_lengths_kv"][b]
                 blocks = kw["block_table"][b, : -(-length // kw["block_size"])].long()
-                k = key[blocks].reshape(-1, heads, dim)[:length]
-                v = value[blocks].reshape(-1, heads, dim)[:length]
+                k = key[blocks].reshape(-1, kv_heads, dim)[:length]
+                v = value[blocks].reshape(-1, kv_heads, dim)[:length]
                 out[b, 0] = _bottom_right_causal(query[b].view(1, heads, dim), k, v).reshape(hidden)
             return out, torch.zeros(1)
         assert kw["input_layout"] == "TND" and kw["sparse_mode"] == 3  # rightDownCausal
@@ -152,19 +162,20 @@ class _TorchNPUEmulation:
         return out, torch.zeros(1)
 
 
-def _check_against_reference(backend):
+def _check_against_reference(backend, kv_heads=None):
     # fresh prefills, decodes, a prefill after a 9-token cached prefix, contexts across many blocks
-    q, k, v, kc, vc, meta = _step([7, 1, 5, 1, 1], [7, 12, 14, 3, 37], num_blocks=60)
+    q, k, v, kc, vc, meta = _step([7, 1, 5, 1, 1], [7, 12, 14, 3, 37], num_blocks=60, heads=4, kv_heads=kv_heads)
     ref = TorchAttention().forward(q, k, v, kc.clone(), vc.clone(), meta)
     out = backend.forward(q, k, v, kc.clone(), vc.clone(), meta)
     assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
 
 
-def test_npu_backend_builds_the_documented_operator_calls():
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_npu_backend_builds_the_documented_operator_calls(kv_heads):
     from engine.attention.npu import NPUAttention
 
     ops = _TorchNPUEmulation()
-    _check_against_reference(NPUAttention(ops=ops))
+    _check_against_reference(NPUAttention(ops=ops), kv_heads)
     assert ops.calls == ["TND", "BSH"]  # one call for all prefills, one for all decodes
 
 
@@ -182,22 +193,23 @@ def test_npu_backend_is_importable_but_inactive_without_torch_npu():
 def _paged_decode_emulation(q, k_cache, v_cache, block_tables, context_lens):
     """The Triton kernel's contract: one query per sequence over its first context_lens[i] cached
     positions, read through block_tables[i]."""
-    block_size, heads, dim = k_cache.shape[1:]
+    block_size, kv_heads, dim = k_cache.shape[1:]
     out = torch.empty_like(q)
     for b in range(q.shape[0]):
         length = int(context_lens[b])
         blocks = block_tables[b, : -(-length // block_size)]
-        k = k_cache[blocks].reshape(-1, heads, dim)[:length]
-        v = v_cache[blocks].reshape(-1, heads, dim)[:length]
+        k = k_cache[blocks].reshape(-1, kv_heads, dim)[:length]
+        v = v_cache[blocks].reshape(-1, kv_heads, dim)[:length]
         out[b] = _bottom_right_causal(q[b : b + 1], k, v)[0]
     return out
 
 
-def test_cuda_backend_packs_varlen_prefill_and_paged_decode_inputs():
+@pytest.mark.parametrize("kv_heads", [None, 1])
+def test_cuda_backend_packs_varlen_prefill_and_paged_decode_inputs(kv_heads):
     from engine.attention.cuda import CudaAttention
 
     backend = CudaAttention(flash_attn_varlen=_flash_attn_varlen_emulation, paged_decode=_paged_decode_emulation)
-    q, k, v, kc, vc, meta = _step([7, 1, 5, 1, 1], [7, 12, 14, 3, 37], num_blocks=60)
+    q, k, v, kc, vc, meta = _step([7, 1, 5, 1, 1], [7, 12, 14, 3, 37], num_blocks=60, kv_heads=kv_heads)
     ref = TorchAttention().forward(q, k, v, kc.clone(), vc.clone(), meta)
     for dtype in (torch.float16, torch.float32):  # fp32 prefill goes through SDPA (flash-attn is fp16/bf16)
         out = backend.forward(q.to(dtype), k.to(dtype), v.to(dtype), kc.to(dtype), vc.to(dtype), meta)
@@ -210,8 +222,9 @@ from engine.attention.cuda import CudaAttention
 from engine.attention.torch import TorchAttention
 sys.path.insert(0, {tests!r})
 from test_attention_backends import _step
-for dim, block_size in ((8, 4), (24, 16), (128, 16)):
-    q, k, v, kc, vc, meta = _step([1, 1, 6, 1], [1, 9, 6, 70], block_size=block_size, dim=dim, num_blocks=40)
+for dim, block_size, heads, kv_heads in ((8, 4, 3, 3), (24, 16, 3, 3), (128, 16, 3, 3), (16, 8, 4, 2), (8, 4, 6, 1)):
+    q, k, v, kc, vc, meta = _step([1, 1, 6, 1], [1, 9, 6, 70], block_size=block_size, dim=dim, num_blocks=40,
+                                  heads=heads, kv_heads=kv_heads)
     ref = TorchAttention().forward(q, k, v, kc.clone(), vc.clone(), meta)
     out = CudaAttention(flash_attn_varlen=None).forward(q, k, v, kc.clone(), vc.clone(), meta)
     err = (out - ref).abs().max().item()

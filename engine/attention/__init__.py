@@ -6,6 +6,9 @@ sequence contributes `query_lens[i]` new tokens at the end of its `context_lens[
 (prefill: query_len == context_len; decode: query_len == 1). The new K/V are written to the cache
 at `slot_mapping` (slot = block * block_size + offset) and attention reads K/V through
 `block_tables`.
+
+Grouped-query attention: K/V (and the cache) may have fewer heads than the queries, a divisor of
+them; query head h reads K/V head h // (heads / kv_heads), as transformers' repeat_kv arranges them.
 """
 
 from __future__ import annotations
@@ -59,6 +62,13 @@ def split_step(meta: AttentionMetadata) -> tuple[list[tuple[int, int, int, int]]
     return meta.memo("split", lambda: _split(meta))
 
 
+def repeat_kv(t: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+    """K or V with its heads (axis `dim`) repeated to the queries' `heads`: kv head j serves query heads
+    j * group ... (j + 1) * group - 1 (transformers' repeat_kv). No copy when they are already equal."""
+    kv_heads = t.shape[dim]
+    return t if kv_heads == heads else t.repeat_interleave(heads // kv_heads, dim=dim)
+
+
 class AttentionBackend(ABC):
     name = "attention"
 
@@ -72,9 +82,9 @@ class AttentionBackend(ABC):
     def forward(
         self,
         q: torch.Tensor,  # [tokens, heads, head_dim], already rotated and scaled
-        k: torch.Tensor,  # [tokens, heads, head_dim]
-        v: torch.Tensor,  # [tokens, heads, head_dim]
-        k_cache: torch.Tensor,  # [num_blocks, block_size, heads, head_dim]
+        k: torch.Tensor,  # [tokens, kv_heads, head_dim]
+        v: torch.Tensor,  # [tokens, kv_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [tokens, heads, head_dim]

@@ -6,7 +6,8 @@ Prefill with flash-attn: every prefilling sequence's new queries are packed as t
 heads, dim]) and its cached K/V (a reused prefix included) gathered into one packed [keys, heads,
 dim] tensor; cu_seqlens mark the sequences. flash-attn (>= 2.1) aligns its causal mask to the
 bottom right, so a query at position ctx - qlen + j sees keys 0..ctx - qlen + j: exactly the
-prefix-cache case.
+prefix-cache case. It takes K/V with fewer heads than the queries as they are (grouped-query
+attention), as does the Triton kernel.
 """
 
 from __future__ import annotations

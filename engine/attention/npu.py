@@ -3,7 +3,8 @@
 docs/context/torch_npu-npu_fused_infer_attention_score.md), in its two documented forms:
 
 - decode (one query token per sequence): page attention. query in "BSH" layout [seqs, 1, heads *
-  dim]; key / value are the paged caches viewed as (blocknum, blocksize, H); block_table int32
+  dim]; key / value are the paged caches viewed as (blocknum, blocksize, kv_heads * dim), with
+  num_key_value_heads for grouped-query attention; block_table int32
   [seqs, max blocks]; actual_seq_lengths_kv = each sequence's cached length; block_size.
 - prefill: "TND" layout over packed tokens; queries [tq, heads, dim], each sequence's cached K/V (a
   reused prefix included) gathered into [tk, heads, dim]; actual_seq_lengths /
@@ -28,11 +29,11 @@ CAUSAL_MASK_SIZE = 2048  # sparse_mode 2/3/4 take this optimized mask
 def decode_args(q, k_cache, v_cache, meta: AttentionMetadata, seqs: list[int]) -> tuple[tuple, dict]:
     """(positional, keyword) arguments of the paged decode call for sequences `seqs`; q: [n, heads, dim]."""
     n, heads, dim = q.shape
-    blocks, block_size = k_cache.shape[:2]
+    blocks, block_size, kv_heads = k_cache.shape[:3]
     table = meta.memo("npu_decode", lambda: meta.block_tables[torch.tensor(seqs, device=q.device)].to(torch.int32))
     kwargs = dict(
         num_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads,
         scale=dim**-0.5,
         input_layout="BSH",
         block_table=table,
@@ -40,7 +41,7 @@ def decode_args(q, k_cache, v_cache, meta: AttentionMetadata, seqs: list[int]) -
         block_size=block_size,
     )
     query = q.reshape(n, 1, heads * dim)
-    return (query, k_cache.view(blocks, block_size, heads * dim), v_cache.view(blocks, block_size, heads * dim)), kwargs
+    return (query, k_cache.view(blocks, block_size, kv_heads * dim), v_cache.view(blocks, block_size, kv_heads * dim)), kwargs
 
 
 def causal_mask(device) -> torch.Tensor:
@@ -62,7 +63,7 @@ def prefill_args(q, k_cache, v_cache, meta: AttentionMetadata, prefills, mask) -
         ends_k.append(tk)
     kwargs = dict(
         num_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=k_cache.shape[2],
         scale=dim**-0.5,
         input_layout="TND",
         atten_mask=mask,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import AttentionBackend, AttentionMetadata, split_step
+from . import AttentionBackend, AttentionMetadata, repeat_kv, split_step
 from .torch import gather_kv, write_kv
 
 
@@ -33,9 +33,10 @@ class SDPAAttention(AttentionBackend):
 
     def _prefill(self, q, out, k_cache, v_cache, meta: AttentionMetadata, prefills) -> None:
         """One SDPA call per prefilling sequence over its K/V gathered from the cache."""
+        heads = q.shape[1]
         for i, start, qlen, ctx in prefills:
-            keys = gather_kv(k_cache, meta.block_tables[i], ctx).transpose(0, 1)  # [heads, ctx, dim]
-            values = gather_kv(v_cache, meta.block_tables[i], ctx).transpose(0, 1)
+            keys = repeat_kv(gather_kv(k_cache, meta.block_tables[i], ctx).transpose(0, 1), heads, 0)  # [heads, ctx, dim]
+            values = repeat_kv(gather_kv(v_cache, meta.block_tables[i], ctx).transpose(0, 1), heads, 0)
             query = q[start : start + qlen].transpose(0, 1)  # [heads, qlen, dim]
             if qlen == ctx:
                 o = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
@@ -48,8 +49,9 @@ class SDPAAttention(AttentionBackend):
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, seqs: list[int]) -> torch.Tensor:
         """q: [n, heads, dim], one query per sequence -> [n, heads, dim]."""
         tables, mask = meta.memo("sdpa_decode", lambda: _decode_inputs(meta, seqs, k_cache.shape[1], q.device))
-        keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [n, heads, blocks * block_size, dim]
-        values = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        heads = q.shape[1]
+        keys = repeat_kv(k_cache[tables].flatten(1, 2).transpose(1, 2), heads, 1)  # [n, heads, blocks * block_size, dim]
+        values = repeat_kv(v_cache[tables].flatten(1, 2).transpose(1, 2), heads, 1)
         o = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask)
         return o[:, :, 0, :]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import AttentionBackend, AttentionMetadata, split_step
+from . import AttentionBackend, AttentionMetadata, repeat_kv, split_step
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -31,8 +31,11 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
 
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
-    """The original's attention: query [..., heads, q, dim], keys/values [..., heads, ctx, dim], hidden
-    (True where a query may not look) broadcast to [..., heads, q, ctx] -> [..., heads, q, dim]."""
+    """The original's attention: query [..., heads, q, dim], keys/values [..., kv_heads, ctx, dim] (kv
+    heads repeated to the queries'), hidden (True where a query may not look) broadcast to [..., heads,
+    q, ctx] -> [..., heads, q, dim]."""
+    heads = query.shape[-3]
+    keys, values = repeat_kv(keys, heads, -3), repeat_kv(values, heads, -3)
     scale = torch.full([], query.shape[-1] ** 0.5, dtype=query.dtype, device=query.device)
     scores = torch.matmul(query, keys.transpose(-1, -2)) / scale
     if hidden is not None:
@@ -49,7 +52,7 @@ class TorchAttention(AttentionBackend):
         out = torch.empty_like(q)
         prefills, decode_rows, decode_seqs = split_step(meta)
         for rows, tables, qlen, ctx, future in meta.memo("torch_prefill", lambda: _prefill_groups(meta, prefills)):
-            keys = k_cache[tables].flatten(1, 2)[:, :ctx].transpose(1, 2)  # [seqs, heads, ctx, dim]
+            keys = k_cache[tables].flatten(1, 2)[:, :ctx].transpose(1, 2)  # [seqs, kv_heads, ctx, dim]
             values = v_cache[tables].flatten(1, 2)[:, :ctx].transpose(1, 2)
             query = q[rows].view(len(tables), qlen, *q.shape[1:]).transpose(1, 2)  # [seqs, heads, qlen, dim]
             out[rows] = attend(query, keys, values, future).transpose(1, 2).flatten(0, 1)
@@ -57,7 +60,7 @@ class TorchAttention(AttentionBackend):
             rows, tables, past = meta.memo("torch_decode", lambda: _decode_inputs(meta, decode_rows, decode_seqs,
                                                                                   k_cache.shape[1], q.device))  # fmt: skip
             longest = past.shape[-1]
-            keys = k_cache[tables].flatten(1, 2)[:, :longest].transpose(1, 2)  # [seqs, heads, longest, dim]
+            keys = k_cache[tables].flatten(1, 2)[:, :longest].transpose(1, 2)  # [seqs, kv_heads, longest, dim]
             values = v_cache[tables].flatten(1, 2)[:, :longest].transpose(1, 2)
             out[rows] = attend(q[rows][:, :, None, :], keys, values, past)[:, :, 0, :]
         return out

@@ -3,7 +3,8 @@ read in place through its block table (no gather, no padding to the longest cont
 
 One program per (sequence, head) walks the sequence's context in tiles of BLOCK_N positions with an
 online softmax (running max and sum in fp32), the flash-decoding recurrence. Works for any
-head_dim (padded to a power of two inside the kernel) and any block_size. Runs on CUDA; under
+head_dim (padded to a power of two inside the kernel) and any block_size; with grouped-query
+attention query head h reads cache head h // GROUP. Runs on CUDA; under
 TRITON_INTERPRET=1 it also runs on CPU tensors, which is how the tests check it.
 """
 
@@ -22,9 +23,11 @@ def _paged_decode(
     stride_table,
     stride_o_tok, stride_o_head,
     HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    kv_head = head // GROUP
     ctx = tl.load(lens_ptr + seq)
     d = tl.arange(0, DIM_P2)
     d_ok = d < HEAD_DIM
@@ -36,7 +39,7 @@ def _paged_decode(
         pos = start + tl.arange(0, BLOCK_N)
         ok = pos < ctx
         block = tl.load(tables_ptr + seq * stride_table + pos // BLOCK_SIZE, mask=ok, other=0)
-        row = block.to(tl.int64) * stride_k_block + (pos % BLOCK_SIZE) * stride_k_pos + head * stride_k_head
+        row = block.to(tl.int64) * stride_k_block + (pos % BLOCK_SIZE) * stride_k_pos + kv_head * stride_k_head
         both = ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + row[:, None] + d[None, :], mask=both, other=0.0).to(tl.float32)  # [BLOCK_N, DIM]
         s = tl.sum(k * q[None, :], axis=1) * scale
@@ -54,7 +57,7 @@ def _paged_decode(
 
 def paged_decode(
     q: torch.Tensor,  # [seqs, heads, head_dim], one new token per sequence
-    k_cache: torch.Tensor,  # [num_blocks, block_size, heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim] (kv_heads divides heads)
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,  # [seqs, max_blocks] int
     context_lens: torch.Tensor,  # [seqs] int: cached tokens, the new one included
@@ -70,5 +73,6 @@ def paged_decode(
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         HEAD_DIM=dim, DIM_P2=triton.next_power_of_2(dim), BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n,
+        GROUP=heads // k_cache.shape[2],
     )  # fmt: skip
     return out
