@@ -1,0 +1,93 @@
+"""Protects the Qwen2-VL pieces built so far (engine/models/qwen2_vl/, not yet a registered family)
+against transformers' own implementation, which is the reference:
+
+- M-RoPE positions: text only, one image, two images of different grids with text between, an image
+  first and an image last, equal to Qwen2VLModel.get_rope_index, with the same delta;
+- the rotary cos/sin of those positions (and of decode positions continued by the delta) equal to
+  Qwen2VLRotaryEmbedding's, and q/k rotated as apply_rotary_pos_emb does.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from engine.models.qwen2_vl.rope import MRotaryEmbedding, apply_rotary, mrope_positions
+
+IMAGE, START, END = 9, 7, 8  # token ids standing for <|image_pad|>, <|vision_start|>, <|vision_end|>
+MERGE = 2
+
+
+def _prompt(parts: list) -> tuple[list[int], list[tuple[int, int, tuple[int, int, int]]]]:
+    """Token ids and image spans from parts: an int n = n text tokens, a (T, H, W) grid = an image."""
+    ids, images = [], []
+    for part in parts:
+        if isinstance(part, int):
+            ids += [100 + (len(ids) + i) % 50 for i in range(part)]
+        else:
+            t, h, w = part
+            n = t * (h // MERGE) * (w // MERGE)
+            ids.append(START)
+            images.append((len(ids), n, part))
+            ids += [IMAGE] * n + [END]
+    return ids, images
+
+
+def _reference(ids: list[int], images) -> tuple[torch.Tensor, int]:
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+    input_ids = torch.tensor([ids])
+    if not images:  # transformers gives a text-only prompt plain positions
+        return torch.arange(len(ids)).expand(3, -1), 0
+    me = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=MERGE)),
+                         get_vision_position_ids=functools.partial(Qwen2VLModel.get_vision_position_ids, None))  # fmt: skip
+    types = (input_ids == IMAGE).int()
+    grids = torch.tensor([grid for _, _, grid in images])
+    pos, delta = Qwen2VLModel.get_rope_index(me, input_ids, types, image_grid_thw=grids)
+    return pos[:, 0], int(delta[0, 0])
+
+
+CASES = {
+    "text": [12],
+    "one image": [5, (1, 4, 6), 7],
+    "two images": [3, (1, 6, 4), 4, (1, 8, 8), 6],
+    "image first": [(1, 4, 4), 5],
+    "image last": [4, (1, 2, 10)],
+}
+
+
+@pytest.mark.parametrize("parts", CASES.values(), ids=CASES.keys())
+def test_mrope_positions_equal_transformers(parts):
+    ids, images = _prompt(parts)
+    positions, delta = mrope_positions(len(ids), images, MERGE)
+    want, want_delta = _reference(ids, images)
+    assert torch.equal(torch.from_numpy(positions), want) and delta == want_delta
+
+
+def test_a_span_that_does_not_hold_its_grid_is_refused():
+    with pytest.raises(ValueError, match="does not hold a 1x4x6 grid"):
+        mrope_positions(20, [(2, 5, (1, 4, 6))], MERGE)
+
+
+@pytest.mark.parametrize("section", [[2, 3, 3], [16, 24, 24]])
+def test_rotary_cos_sin_and_rotation_equal_transformers(section):
+    from transformers import Qwen2VLConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding, apply_rotary_pos_emb
+
+    head_dim = 2 * sum(section)
+    config = Qwen2VLConfig(text_config=dict(hidden_size=4 * head_dim, num_attention_heads=4, rope_theta=10000.0,
+                                            rope_scaling={"type": "mrope", "mrope_section": section})).text_config  # fmt: skip
+    ids, images = _prompt(CASES["two images"])
+    positions, delta = mrope_positions(len(ids), images, MERGE)
+    decode = torch.arange(len(ids), len(ids) + 5).expand(3, -1) + delta  # generated tokens
+    pos = torch.cat([torch.from_numpy(positions), decode], dim=1)  # [3, tokens]
+    q = torch.randn(1, 4, pos.shape[1], head_dim, generator=torch.Generator().manual_seed(0))
+    cos_ref, sin_ref = Qwen2VLRotaryEmbedding(config)(q, pos[:, None, :])  # [1, tokens, head_dim]
+    cos, sin = MRotaryEmbedding(head_dim, 10000.0, section, "cpu")(pos)
+    assert torch.allclose(cos, cos_ref[0], atol=1e-6) and torch.allclose(sin, sin_ref[0], atol=1e-6)
+    want, _ = apply_rotary_pos_emb(q, q, cos_ref, sin_ref)  # [1, heads, tokens, head_dim]
+    got = apply_rotary(q[0].transpose(0, 1), cos, sin)  # [tokens, heads, head_dim]
+    assert torch.allclose(got, want[0].transpose(0, 1), atol=1e-5)
