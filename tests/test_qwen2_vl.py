@@ -4,7 +4,10 @@ against transformers' own implementation, which is the reference:
 - M-RoPE positions: text only, one image, two images of different grids with text between, an image
   first and an image last, equal to Qwen2VLModel.get_rope_index, with the same delta;
 - the rotary cos/sin of those positions (and of decode positions continued by the delta) equal to
-  Qwen2VLRotaryEmbedding's, and q/k rotated as apply_rotary_pos_emb does.
+  Qwen2VLRotaryEmbedding's, and q/k rotated as apply_rotary_pos_emb does;
+- image preprocessing (smart_resize, bicubic antialiased resize, normalization, the patch order the
+  vision tower merges, 2 frames per still image) equal to Qwen2VLImageProcessor's pixel_values and grid
+  on five real photos of different sizes and aspect ratios.
 """
 
 from __future__ import annotations
@@ -91,3 +94,30 @@ def test_rotary_cos_sin_and_rotation_equal_transformers(section):
     want, _ = apply_rotary_pos_emb(q, q, cos_ref, sin_ref)  # [1, heads, tokens, head_dim]
     got = apply_rotary(q[0].transpose(0, 1), cos, sin)  # [tokens, heads, head_dim]
     assert torch.allclose(got, want[0].transpose(0, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["astronaut.jpg", "coffee.png", "chelsea.jpg", "rocket.png", "camera.png"])
+def test_image_preprocessing_equals_transformers(photo_dir, name):
+    import numpy as np
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    from engine.models.qwen2_vl.processor import ImageConfig, patchify, resize
+
+    raw = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 48, "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+    reference = Qwen2VLImageProcessor(**raw)(Image.open(photo_dir / name).convert("RGB"), return_tensors="pt")
+    pixels = torch.from_numpy(np.array(Image.open(photo_dir / name).convert("RGB"))).permute(2, 0, 1)
+    patches, grid = patchify(resize(pixels, ImageConfig.from_preprocessor_config(raw)), ImageConfig())
+    assert [list(grid)] == reference["image_grid_thw"].tolist()
+    assert grid[1] * grid[2] <= 48 * 4 and torch.allclose(patches, reference["pixel_values"], atol=1e-5)
+
+
+def test_smart_resize_keeps_the_pixels_in_range_and_refuses_extreme_shapes():
+    from engine.models.qwen2_vl.processor import smart_resize
+
+    assert smart_resize(448, 448, 28, 56 * 56, 28 * 28 * 1280) == (448, 448)
+    assert smart_resize(10, 10, 28, 56 * 56, 28 * 28 * 1280) == (56, 56)  # small: scaled up to min_pixels
+    h, w = smart_resize(4000, 3000, 28, 56 * 56, 28 * 28 * 64)  # large: scaled down under max_pixels
+    assert (h, w) == (252, 168) and h * w <= 28 * 28 * 64  # floor(4000 / beta / 28) * 28, the same for 3000
+    with pytest.raises(ValueError, match="aspect ratio is beyond 200"):
+        smart_resize(10, 2500, 28, 56 * 56, 28 * 28 * 1280)

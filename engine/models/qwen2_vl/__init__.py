@@ -1,3 +1,3 @@
 """Qwen2-VL (and Qwen2.5-VL), being brought onto the engine (issue 17). Not registered yet: no
 checkpoint loads through it. What is here is checked against transformers' own implementation:
-rope.py (multimodal rotary positions)."""
+rope.py (multimodal rotary positions), processor.py (dynamic-resolution image preprocessing)."""
