@@ -7,7 +7,11 @@ against transformers' own implementation, which is the reference:
   Qwen2VLRotaryEmbedding's, and q/k rotated as apply_rotary_pos_emb does;
 - image preprocessing (smart_resize, bicubic antialiased resize, normalization, the patch order the
   vision tower merges, 2 frames per still image) equal to Qwen2VLImageProcessor's pixel_values and grid
-  on five real photos of different sizes and aspect ratios.
+  on five real photos of different sizes and aspect ratios;
+- the vision tower (patch embedding, 2-D rotary in merge order, attention within each image, quick_gelu
+  MLP, 2x2 patch merger) equal to Qwen2VisionTransformerPretrainedModel loaded with the same weights
+  (its own parameter names), on three images of different grids in one batch, and an image alone
+  giving its rows of the batch.
 """
 
 from __future__ import annotations
@@ -121,3 +125,42 @@ def test_smart_resize_keeps_the_pixels_in_range_and_refuses_extreme_shapes():
     assert (h, w) == (252, 168) and h * w <= 28 * 28 * 64  # floor(4000 / beta / 28) * 28, the same for 3000
     with pytest.raises(ValueError, match="aspect ratio is beyond 200"):
         smart_resize(10, 2500, 28, 56 * 56, 28 * 28 * 1280)
+
+
+def _patches(photo_dir, names, max_pixels=28 * 28 * 24):
+    import numpy as np
+    from PIL import Image
+
+    from engine.models.qwen2_vl.processor import ImageConfig, patchify, resize
+
+    cfg = ImageConfig(max_pixels=max_pixels)
+    out = [patchify(resize(torch.from_numpy(np.array(Image.open(photo_dir / n).convert("RGB"))).permute(2, 0, 1), cfg), cfg)
+           for n in names]  # fmt: skip
+    return torch.cat([p for p, _ in out]), [g for _, g in out]
+
+
+def test_vision_tower_equals_transformers(photo_dir):
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    from engine.models.qwen2_vl.vision import VisionConfig, VisionTransformer
+
+    raw = dict(depth=2, embed_dim=32, hidden_size=48, num_heads=4, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+               temporal_patch_size=2, in_channels=3)  # fmt: skip
+    torch.manual_seed(0)
+    ref = Qwen2VisionTransformerPretrainedModel._from_config(Qwen2VLVisionConfig(**raw), attn_implementation="eager").eval()
+    with torch.no_grad():  # sharp attention (random init's is nearly uniform), so positions and order matter
+        for block in ref.blocks:
+            block.attn.qkv.weight.mul_(30)
+    ours = VisionTransformer(VisionConfig.from_dict(raw)).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)  # the checkpoint's names
+    patches, grids = _patches(photo_dir, ["coffee.png", "rocket.png", "astronaut.jpg"])  # three grids
+    assert len({g for g in grids}) == 3
+    with torch.inference_mode():
+        want = ref(patches, grid_thw=torch.tensor(grids)).pooler_output
+        got = ours(patches, grids)
+    assert got.shape == (sum(h * w for _, h, w in grids) // 4, 48)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    with torch.inference_mode():  # one image alone gives its rows of the batch: attention stays within an image
+        alone = ours(patches[: grids[0][1] * grids[0][2]], grids[:1])
+    assert torch.allclose(alone, got[: len(alone)], atol=1e-5)
