@@ -77,7 +77,7 @@ class DecodeGraphs:
                  scratch_block: int, device: str, capture=cuda_capture):  # fmt: skip
         self.model, self.kv_caches, self.attention, self.block_size = model, kv_caches, attention, block_size
         self.sizes = capture_sizes(max_batch_size)
-        self.capture, self.device = capture, device
+        self.capture = capture
         self.scratch_block, self.scratch_slot = scratch_block, scratch_block * block_size
         big = self.sizes[-1]
         i64 = dict(dtype=torch.int64, device=device)

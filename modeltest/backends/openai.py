@@ -262,9 +262,10 @@ class OpenAIBackend(Backend):
         import numpy as np
 
         if with_image not in self._overheads:
-            image = [{"type": "image_url", "image_url": {"url": data_url(_noise_image(np.random.default_rng(0)))}}]
-            first = (image if with_image else []) + [{"type": "text", "text": FILLER_WORDS[0]}]
-            every = (image if with_image else []) + [{"type": "text", "text": "".join(FILLER_WORDS)}]
+            image = ([{"type": "image_url", "image_url": {"url": data_url(_noise_image(np.random.default_rng(0)))}}]
+                     if with_image else [])  # fmt: skip
+            first = image + [{"type": "text", "text": FILLER_WORDS[0]}]
+            every = image + [{"type": "text", "text": "".join(FILLER_WORDS)}]
             one, many = (self._loop.run_until_complete(self._prompt_tokens(c)) for c in (first, every))
             if many - one != len(FILLER_WORDS) - 1:
                 raise SampleError(f"{self.url} counts {many - one + 1} tokens for the {len(FILLER_WORDS)} filler words "
