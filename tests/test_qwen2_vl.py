@@ -11,7 +11,11 @@ against transformers' own implementation, which is the reference:
 - the vision tower (patch embedding, 2-D rotary in merge order, attention within each image, quick_gelu
   MLP, 2x2 patch merger) equal to Qwen2VisionTransformerPretrainedModel loaded with the same weights
   (its own parameter names), on three images of different grids in one batch, and an image alone
-  giving its rows of the batch.
+  giving its rows of the batch;
+- the language model (RMSNorm, q/k/v with bias, grouped-query attention, M-RoPE, SwiGLU) over the paged
+  cache with the torch reference attention: a prefill with two images' features in place and a decode
+  step at index + delta, logits within 1e-4 of transformers' language model with every parameter
+  random and the same position ids.
 """
 
 from __future__ import annotations
@@ -164,3 +168,69 @@ def test_vision_tower_equals_transformers(photo_dir):
     with torch.inference_mode():  # one image alone gives its rows of the batch: attention stays within an image
         alone = ours(patches[: grids[0][1] * grids[0][2]], grids[:1])
     assert torch.allclose(alone, got[: len(alone)], atol=1e-5)
+
+
+def _text_reference(section=(2, 3, 3)):
+    """A tiny Qwen2-VL from transformers with every parameter random (biases too; sharp attention), and
+    the same weights under the engine's names."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": list(section)},
+                         tie_word_embeddings=False),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=4),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ref = Qwen2VLForConditionalGeneration(config).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_((1.0 if "norm" in name else 0.0) + 0.3 * torch.randn(p.shape, generator=g))
+    state = {k.replace("model.language_model.", "model."): v for k, v in ref.state_dict().items() if "visual" not in k}
+    return ref, config.to_dict(), state
+
+
+def _paged_step(model, ids, state, kv_caches, start, features=None, rows=None):
+    """One prefill (start 0) or decode step of one sequence through the torch reference attention on a
+    paged cache of 4-token blocks (block b at slot b * 4): logits of every new token."""
+    from engine.attention import AttentionMetadata
+    from engine.attention.torch import TorchAttention
+
+    end = start + len(ids)
+    blocks = list(range((end + 3) // 4))
+    meta = AttentionMetadata(slot_mapping=torch.arange(start, end), block_tables=torch.tensor([blocks]),
+                             context_lens=torch.tensor([end]), query_lens=[len(ids)], context_lens_list=[end],
+                             block_size=4)  # fmt: skip
+    index = torch.arange(start, end)
+    context = model.step_context(index, torch.zeros_like(index), [state])
+    hidden = model(torch.tensor(ids), kv_caches, meta, context, TorchAttention(), features, rows)
+    return model.compute_logits(hidden)
+
+
+def test_language_model_equals_transformers_on_a_paged_cache():
+    from engine.models.qwen2_vl.language import MRopeState, Qwen2VLLanguageModel, TextConfig
+
+    ref, raw, state = _text_reference()
+    cfg = TextConfig.from_dict(raw)
+    assert (cfg.num_key_value_heads, cfg.mrope_section, cfg.head_dim) == (2, (2, 3, 3), 16)
+    ours = Qwen2VLLanguageModel(cfg).eval()
+    ours.load_state_dict(state, strict=True)
+    ids, images = _prompt([5, (1, 4, 6), 7, (1, 2, 4), 3])
+    ids = [i % 300 for i in ids]
+    positions, delta = mrope_positions(len(ids), images, MERGE)
+    rows = torch.tensor([s + j for s, n, _ in images for j in range(n)])
+    features = torch.randn(len(rows), 64, generator=torch.Generator().manual_seed(2))
+    nxt = 17  # a generated token, decoded at index len(ids) with position len(ids) + delta
+    with torch.inference_mode():
+        embeds = ref.model.language_model.embed_tokens(torch.tensor([ids + [nxt]]))
+        embeds[0, rows] = features
+        all_pos = torch.cat([torch.from_numpy(positions), torch.full((3, 1), len(ids) + delta)], dim=1)
+        hidden = ref.model.language_model(inputs_embeds=embeds, position_ids=all_pos[:, None, :]).last_hidden_state
+        want = ref.lm_head(hidden)[0]  # [tokens, vocab]
+        caches = [(torch.zeros(8, 4, 2, 16), torch.zeros(8, 4, 2, 16)) for _ in range(2)]
+        st = MRopeState(torch.from_numpy(positions), delta)
+        prefill = _paged_step(ours, ids, st, caches, 0, features, rows)
+        decode = _paged_step(ours, [nxt], st, caches, len(ids))
+    assert torch.allclose(prefill, want[: len(ids)], atol=1e-4), (prefill - want[: len(ids)]).abs().max()
+    assert torch.allclose(decode, want[len(ids) :], atol=1e-4), (decode - want[len(ids) :]).abs().max()
