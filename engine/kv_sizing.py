@@ -111,7 +111,7 @@ def profile_run(c: EngineConfig, family: ModelFamily, model: CausalLM, images: l
         prompt = family.warmup_prompt(length, i, images[i % len(images)] if images else None)
         seqs.append(Sequence(seq_id=-1 - i, request_id=f"warm-up-{i}", prompt="", prompt_token_ids=prompt.token_ids,
                              params=SamplingParams(max_tokens=1), end_ids=frozenset(), images=prompt.images,
-                             state=family.request_state(length)[0]))  # fmt: skip
+                             state=family.request_state(prompt)[0]))  # fmt: skip
     blocks = sum(blocks_for(length, c.block_size) for length in lengths)
     reset_peak_memory(c.device)
     bm = BlockManager(blocks, c.block_size, prefix_caching=False)

@@ -124,7 +124,8 @@ class LLMEngine:
                                   image_cache_bytes=int(c.image_cache_gb * (1 << 30)),
                                   scratch_blocks=1 if capture else 0)  # fmt: skip
         if capture is not None and self.runner.attention.graph_safe:
-            self.runner.capture_graphs(c.max_batch_size, c.max_model_len, family.request_state(1)[0], capture)
+            state = family.request_state(family.warmup_prompt(1, 0))[0]  # a one-token prompt's
+            self.runner.capture_graphs(c.max_batch_size, c.max_model_len, state, capture)
         elif capture is not None:
             logger.info("decode graphs: off, the %s attention backend decodes with host work (the cuda backend's "
                         "Triton kernel does not)", self.runner.attention.name)  # fmt: skip
@@ -179,7 +180,7 @@ class LLMEngine:
         end_ids = set(params.stop_token_ids) | processed.stop_token_ids
         if not params.ignore_eos:
             end_ids.add(eos)
-        state, salt = self.family.request_state(n)
+        state, salt = self.family.request_state(processed)
         return Sequence(
             seq_id=next(self._seq_ids),
             request_id=request_id,

@@ -160,8 +160,8 @@ class ModelFamily(ABC):
         the request is known to fit, so a prompt refused for its length reads no image."""
 
     @abstractmethod
-    def request_state(self, prompt_len: int) -> tuple[Any, bytes]:
-        """(state, cache salt) of a request with this prompt length: the state is what `step_context`
+    def request_state(self, prompt: ProcessedPrompt) -> tuple[Any, bytes]:
+        """(state, cache salt) of a request with this prompt (its images loaded): the state is what `step_context`
         gets for it for its whole life (recomputation after a preemption included); the salt goes into
         its prefix-cache keys, so blocks computed under another state are never shared."""
 

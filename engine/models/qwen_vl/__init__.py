@@ -70,12 +70,13 @@ class QwenVLFamily(ModelFamily):
             image.data = resize(image.data, self.config.visual.image_size)
             image.key = pixel_key(image.data)  # the float pixels' key too: normalizing is one-to-one
 
-    def request_state(self, prompt_len: int) -> tuple[float, bytes]:
+    def request_state(self, prompt: ProcessedPrompt) -> tuple[float, bytes]:
         """The dynamic-NTK factor, fixed by the prompt's length (also when a preempted request is
         recomputed), as the original fixes it at prefill."""
         from .language import ntk_alpha
 
-        alpha = ntk_alpha(prompt_len, self.config.seq_length) if self.config.use_dynamic_ntk else 1.0
+        n = len(prompt.token_ids)
+        alpha = ntk_alpha(n, self.config.seq_length) if self.config.use_dynamic_ntk else 1.0
         return alpha, repr(alpha).encode()
 
     @cached_property
