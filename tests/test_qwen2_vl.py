@@ -234,3 +234,19 @@ def test_language_model_equals_transformers_on_a_paged_cache():
         decode = _paged_step(ours, [nxt], st, caches, len(ids))
     assert torch.allclose(prefill, want[: len(ids)], atol=1e-4), (prefill - want[: len(ids)]).abs().max()
     assert torch.allclose(decode, want[len(ids) :], atol=1e-4), (decode - want[len(ids) :]).abs().max()
+
+
+def test_both_config_layouts_give_the_same_text_config():
+    from engine.models.qwen2_vl.language import TextConfig
+
+    released = {  # Qwen2-VL-7B-Instruct's config.json: the language model's keys at the top level
+        "model_type": "qwen2_vl", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+        "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "max_position_embeddings": 32768, "tie_word_embeddings": False, "vision_config": {"depth": 32},
+    }  # fmt: skip
+    nested = {"model_type": "qwen2_vl", "tie_word_embeddings": False, "vision_config": {"depth": 32},
+              "text_config": {**{k: v for k, v in released.items() if k not in ("rope_theta", "rope_scaling")},
+                              "rope_parameters": {"rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}}}  # fmt: skip
+    a, b = TextConfig.from_dict(released), TextConfig.from_dict(nested)
+    assert a == b and (a.head_dim, a.num_key_value_heads, a.mrope_section) == (128, 4, (16, 24, 24))

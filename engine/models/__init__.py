@@ -12,6 +12,7 @@ from .base import ModelFamily, read_config
 # model_type -> "module:class" of its family (imported when a checkpoint of that type is loaded)
 REGISTRY: dict[str, tuple[str, str]] = {
     "qwen": ("engine.models.qwen_vl:QwenVLFamily", "Qwen-VL (Qwen/Qwen-VL, Qwen/Qwen-VL-Chat)"),
+    "qwen2_vl": ("engine.models.qwen2_vl:Qwen2VLFamily", "Qwen2-VL (Qwen/Qwen2-VL-*)"),
 }
 
 

@@ -48,6 +48,7 @@ class EngineBackend(Backend):
         from engine import EngineError, check_model
 
         path = check_model_path(model_cfg)
+        _renders_its_prompts(path)
         _warmup_images(model_cfg)
         try:
             check_model(path, tensor_parallel_size=tp)
@@ -58,6 +59,7 @@ class EngineBackend(Backend):
         from engine import LLM, EngineError
 
         path = check_model_path(model_cfg)
+        _renders_its_prompts(path)
         params = model_cfg.mm_model.infer_params
         max_model_len = None
         if params.max_input_length and params.max_output_length:
@@ -263,3 +265,20 @@ def _label(image) -> str:
     if len(path.encode("utf-8")) <= MAX_LABEL_BYTES:
         return path
     return os.path.basename(path).encode("utf-8")[-MAX_LABEL_BYTES:].decode("utf-8", "ignore")
+
+
+def _renders_its_prompts(path: str) -> None:
+    """This backend renders Qwen-VL's prompt formats; a checkpoint of another model_type (the engine
+    also runs Qwen2-VL) is refused before anything loads rather than failing every sample."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type", "qwen")
+    except (OSError, ValueError, AttributeError):
+        return  # the engine's own check names what is wrong with the file
+    if model_type != "qwen":
+        raise ModelTestError(f"{path}: model_type {model_type!r}: the engine backend renders Qwen-VL's prompts only "
+                             "for now; run this model with --backend hf, or serve it (python -m engine.serve) and "
+                             "use --backend openai")  # fmt: skip

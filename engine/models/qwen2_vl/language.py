@@ -29,7 +29,10 @@ from ...distributed import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from ..base import CausalLM
+from .processor import ImageConfig, patchify
 from .rope import MRotaryEmbedding, apply_rotary
+from .vision import VisionConfig, VisionTransformer
 
 
 @dataclass(frozen=True)
@@ -187,3 +190,23 @@ class Qwen2VLLanguageModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(hidden))  # [rows, vocab]
+
+
+class Qwen2VLForCausalLM(Qwen2VLLanguageModel, CausalLM):
+    """The whole model: the language half above and the vision tower (`visual`, replicated on every rank
+    under tensor parallelism). Tied embeddings share one tensor between embed_tokens and lm_head."""
+
+    def __init__(self, cfg: TextConfig, vision: VisionConfig, image_cfg: ImageConfig, ctx: ParallelContext | None = None):
+        super().__init__(cfg, ctx)
+        self.visual = VisionTransformer(vision)
+        self.image_cfg = image_cfg
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embed_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Resized uint8 pixels [3, h, w] each -> [h w / (14 14 4), hidden] each, in one vision-tower batch."""
+        device = self.lm_head.weight.device
+        pieces = [patchify(image.to(device), self.image_cfg) for image in images]
+        features = self.visual(torch.cat([p for p, _ in pieces]), [g for _, g in pieces])
+        merge = self.image_cfg.merge_size**2
+        return list(features.split([g[1] * g[2] // merge for _, g in pieces]))

@@ -38,7 +38,7 @@ class Qwen2VLTokenizer(Tokenizer):
         if missing:
             raise EngineError(f"{path}: no {', '.join(missing)}: not a Qwen2-VL tokenizer")
         self.ids = {s: vocab[s] for s in SPECIALS}
-        self._special = {t.id for t in self._tok.get_added_tokens_decoder().values() if t.special} | set(self.ids.values())
+        self._special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special} | set(self.ids.values())
         config = _json(model_path / "tokenizer_config.json")
         self.eos_token_id = vocab.get(config.get("eos_token") or "<|im_end|>", self.ids["<|im_end|>"])
         self.chat_template = self._template(model_path, config)
@@ -70,10 +70,21 @@ class Qwen2VLTokenizer(Tokenizer):
         if not self.chat_template:
             raise EngineError("this checkpoint has no chat template (chat_template.jinja, chat_template.json or "
                               "tokenizer_config.json): send a plain text prompt")  # fmt: skip
+        import jinja2.ext
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+        def raise_exception(message):
+            raise EngineError(f"the chat template refused the messages: {message}")
+
+        # transformers' settings and helpers, so a template renders as apply_chat_template renders it
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            template = env.from_string(self.chat_template)
+        except jinja2.TemplateError as e:
+            raise EngineError(f"the checkpoint's chat template does not parse: {e}") from None
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt)
 
 
 class _Stream(TokenStream):
