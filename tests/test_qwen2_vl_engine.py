@@ -9,7 +9,9 @@ trained in the test, a chat template, the real image processor with small max_pi
   different sizes and aspect ratios; and the tokens of all of them in one engine batch;
 - the same outputs through the prefix cache, and from a cache small enough to preempt;
 - prompts that do not add up (placeholders vs images) are one EngineError;
-- the harness's engine backend (Qwen-VL's prompt formats) refuses a qwen2_vl checkpoint in one line.
+- the harness: a TextVQA run on the engine backend equals the same run on the hf backend, sample for
+  sample (raw output, prediction, score, token counts); a performance run on the engine backend is
+  refused in one line for now.
 """
 
 from __future__ import annotations
@@ -95,22 +97,74 @@ def test_a_batch_the_prefix_cache_and_preemption_give_the_same_tokens(tiny_qwen2
 
 def test_placeholders_and_images_must_add_up(tiny_qwen2vl, photo_dir):
     llm = _llm(tiny_qwen2vl)
-    family = llm.llm_engine.family  # generation_config.json's eos (<|im_end|> here) ends a request
-    assert family.process_prompt([{"text": "hi"}]).stop_token_ids == {family.tokenizer.ids["<|im_end|>"]} == {2}
+    family = llm.llm_engine.family  # generation_config.json's eos (<|im_end|> here) and <|endoftext|> end a request
+    ids = family.tokenizer.ids
+    assert family.process_prompt([{"text": "hi"}]).stop_token_ids == {ids["<|im_end|>"], ids["<|endoftext|>"]} == {2, 0}
     with pytest.raises(EngineError, match=r"1 image placeholder\(s\) .* for 0 image\(s\)"):
         llm.llm_engine.add_request("a", "<|vision_start|><|image_pad|><|vision_end|>What is it?")
     with pytest.raises(EngineError, match="image not found"):
         llm.llm_engine.add_request("b", [{"image": str(photo_dir / "missing.png")}, {"text": "?"}])
 
 
-def test_the_harness_engine_backend_refuses_it_before_loading(tiny_qwen2vl, textvqa, tmp_path, capsys):
+def _records(out):
+    import json
+
+    (path,) = out.glob("debug/**/samples.jsonl")
+    keep = ("raw_output", "prediction", "score", "input_tokens", "output_tokens", "error")
+    return {r["id"]: {k: r[k] for k in keep} for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_a_textvqa_run_on_the_engine_backend_equals_the_hf_backends(hf_model_yaml, textvqa, tmp_path):
+    import yaml
+
     from modeltest.cli import main
 
-    (tmp_path / "model.yaml").write_text(f"model_name: tiny2\nmodel_path: {tiny_qwen2vl}\nbackend: engine\n")
-    (tmp_path / "task.yaml").write_text(f"task_name: textvqa\nlocal_dataset_path: {textvqa}\n")
+    task = tmp_path / "task.yaml"
+    task.write_text(yaml.safe_dump({"task_name": "textvqa", "local_dataset_path": str(textvqa)}))
+    engine_yaml = tmp_path / "engine.yaml"
+    engine_yaml.write_text(yaml.safe_dump({**yaml.safe_load(hf_model_yaml.read_text()), "backend": "engine",
+                                           "block_size": 16}))  # fmt: skip
+    runs = {}
+    for name, model in (("hf", hf_model_yaml), ("engine", engine_yaml)):
+        code = main(["--model_config_path", str(model), "--task_config_path", str(task), "--device", "cpu",
+                     "--output_dir", str(tmp_path / name), "--no_progress", "--batch_size", "4"])  # fmt: skip
+        assert code == 0, name
+        runs[name] = _records(tmp_path / name)
+    assert len(runs["hf"]) == 8 and all(r["error"] is None for r in runs["hf"].values())
+    assert runs["engine"] == runs["hf"]
+
+
+def test_performance_on_the_engine_backend_is_qwen_vl_only_for_now(tiny_qwen2vl, tmp_path, capsys):
+    import yaml
+
+    from modeltest.cli import main
+
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump({"model_name": "t", "model_path": str(tiny_qwen2vl),
+                                                         "data_type": "fp32", "backend": "engine"}))  # fmt: skip
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump({"task_type": "performance", "task_name": "synthetic",
+                                                        "case_pair": [[300, 2]]}))  # fmt: skip
     code = main(["--model_config_path", str(tmp_path / "model.yaml"), "--task_config_path", str(tmp_path / "task.yaml"),
-                 "--check_only"])  # fmt: skip
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1
-    assert err[0].endswith("model_type 'qwen2_vl': the engine backend renders Qwen-VL's prompts only for now; run "
-                           "this model with --backend hf, or serve it (python -m engine.serve) and use --backend openai")
+                 "--device", "cpu", "--output_dir", str(tmp_path / "out"), "--no_progress"])  # fmt: skip
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("modeltest")]
+    assert code == 2 and err[-1] == ("modeltest: error: task_type performance on the engine backend runs Qwen-VL only "
+                                     "for now; measure this model through python -m engine.serve and --backend openai")
+
+
+def test_the_shipped_config_asks_lmms_evals_textvqa_question(tiny_qwen2vl, textvqa, tmp_path):
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from modeltest.cli import main
+
+    shipped = yaml.safe_load((Path(__file__).parent.parent / "configs/model/qwen2_vl.yaml").read_text())
+    assert shipped["backend"] == "engine"
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({**shipped, "model_path": str(tiny_qwen2vl), "data_type": "fp32"}))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"task_name": "textvqa", "local_dataset_path": str(textvqa)}))
+    assert main(["--model_config_path", str(tmp_path / "m.yaml"), "--task_config_path", str(tmp_path / "t.yaml"),
+                 "--device", "cpu", "--limit", "1", "--output_dir", str(tmp_path / "out"), "--no_progress"]) == 0  # fmt: skip
+    (path,) = (tmp_path / "out").glob("debug/**/samples.jsonl")
+    record = json.loads(path.read_text().splitlines()[0])
+    assert record["prompt"].endswith(f"{record['question']}\nAnswer the question using a single word or phrase."
+                                     "<|im_end|>\n<|im_start|>assistant\n")

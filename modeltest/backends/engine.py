@@ -1,9 +1,11 @@
-"""The `engine` backend: the bundled paged-attention engine (engine.LLM), which runs Qwen-VL (v1)
-from its original checkpoint files.
+"""The `engine` backend: the bundled paged-attention engine (engine.LLM), which runs Qwen-VL (v1) from its
+original checkpoint files, and Qwen2-VL.
 
-Each request is rendered in Qwen-VL's raw query format (`<img>path</img>question Answer:`, the
+Each Qwen-VL request is rendered in Qwen-VL's raw query format (`<img>path</img>question Answer:`, the
 format of Qwen-VL's own evaluate_vqa.py), or with `Request.list_format` as the original
-`from_list_format` renders it (`Picture 1: <img>path</img>\\ntext`, the seed's caption runs); its
+`from_list_format` renders it (`Picture 1: <img>path</img>\\ntext`, the seed's caption runs); a
+Qwen2-VL request is always the user turn of its chat template (the parts in order), as the hf backend
+renders it; its
 images are opened here (paths, PIL images or `datasets` cells) and handed to the engine with the
 prompt, so an unreadable image fails only its sample. A whole batch goes to `LLM.generate` at once
 and the engine schedules it. Greedy.
@@ -29,6 +31,8 @@ from .base import (
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 MAX_LABEL_BYTES = 256  # Qwen-VL's <img>..</img> span holds at most this many path bytes
+# models whose prompts are always their chat template's user turn, as the hf backend renders every model
+CHAT_TEMPLATE_MODELS = {"qwen2_vl"}
 # Performance prompts: text tokens drawn from these ids (ordinary BPE tokens of the Qwen vocabulary, far
 # from its special tokens), and one random-noise image of Qwen-VL's input size.
 FILLER_IDS = (1000, 30000)
@@ -48,7 +52,6 @@ class EngineBackend(Backend):
         from engine import EngineError, check_model
 
         path = check_model_path(model_cfg)
-        _renders_its_prompts(path)
         _warmup_images(model_cfg)
         try:
             check_model(path, tensor_parallel_size=tp)
@@ -59,7 +62,7 @@ class EngineBackend(Backend):
         from engine import LLM, EngineError
 
         path = check_model_path(model_cfg)
-        _renders_its_prompts(path)
+        self.chat_only = _model_type(path) in CHAT_TEMPLATE_MODELS
         params = model_cfg.mm_model.infer_params
         max_model_len = None
         if params.max_input_length and params.max_output_length:
@@ -93,7 +96,10 @@ class EngineBackend(Backend):
         labeled = [{"image": _label(p["image"])} if "image" in p else p for p in request.parts]
 
         def build(parts: list[dict]) -> dict:
-            prompt = [{"role": "user", "content": parts}] if request.chat else render_qwen_prompt(parts, request.list_format)
+            if request.chat or self.chat_only:
+                prompt = [{"role": "user", "content": parts}]
+            else:
+                prompt = render_qwen_prompt(parts, request.list_format)
             return {"prompt": prompt, "multi_modal_data": {"image": images}}
 
         from engine import EngineError
@@ -157,9 +163,15 @@ class EngineBackend(Backend):
         ids += rng.integers(*FILLER_IDS, input_len - len(ids)).tolist()
         return {"prompt_token_ids": ids, **({"multi_modal_data": {"image": images}} if images else {})}
 
+    def _perf_supported(self) -> None:
+        if self.chat_only:  # its prompts are built from Qwen-VL's token ids and image span
+            raise ModelTestError("task_type performance on the engine backend runs Qwen-VL only for now; measure "
+                                 "this model through python -m engine.serve and --backend openai")  # fmt: skip
+
     def image_span_tokens(self) -> int:
         import numpy as np
 
+        self._perf_supported()
         return len(self._perf_image(np.random.default_rng(0))[0])
 
     def run_timed(self, input_len: int, output_len: int, batch_size: int, with_image: bool, seed: int) -> TimedBatch:
@@ -171,6 +183,7 @@ class EngineBackend(Backend):
 
         from engine import EngineError, SamplingParams
 
+        self._perf_supported()
         engine = self.llm.llm_engine
         rng = np.random.default_rng(seed)
         prompts = [self._perf_prompt(input_len, with_image, rng) for _ in range(batch_size)]
@@ -267,18 +280,13 @@ def _label(image) -> str:
     return os.path.basename(path).encode("utf-8")[-MAX_LABEL_BYTES:].decode("utf-8", "ignore")
 
 
-def _renders_its_prompts(path: str) -> None:
-    """This backend renders Qwen-VL's prompt formats; a checkpoint of another model_type (the engine
-    also runs Qwen2-VL) is refused before anything loads rather than failing every sample."""
+def _model_type(path: str) -> str:
+    """config.json's model_type ("qwen" when it names none, as early Qwen-VL exports)."""
     import json
     import os
 
     try:
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            model_type = json.load(f).get("model_type", "qwen")
+            return json.load(f).get("model_type", "qwen")
     except (OSError, ValueError, AttributeError):
-        return  # the engine's own check names what is wrong with the file
-    if model_type != "qwen":
-        raise ModelTestError(f"{path}: model_type {model_type!r}: the engine backend renders Qwen-VL's prompts only "
-                             "for now; run this model with --backend hf, or serve it (python -m engine.serve) and "
-                             "use --backend openai")  # fmt: skip
+        return "qwen"  # the engine's own check names what is wrong with the file

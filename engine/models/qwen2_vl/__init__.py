@@ -50,7 +50,7 @@ class Qwen2VLFamily(ModelFamily):
         self.image_cfg = ImageConfig.from_preprocessor_config(processor)
         generation = _read_json(model_path / "generation_config.json").get("eos_token_id")
         ends = generation if isinstance(generation, list) else [generation] if generation is not None else []
-        self.end_ids = {int(e) for e in ends} | {self.tokenizer.ids["<|im_end|>"]}
+        self.end_ids = {int(e) for e in ends} | {self.tokenizer.ids["<|im_end|>"], self.tokenizer.ids["<|endoftext|>"]}
         self.spec = ModelSpec(
             num_layers=cfg.num_hidden_layers,
             num_kv_heads=cfg.num_key_value_heads // tp_size,

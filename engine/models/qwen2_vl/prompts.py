@@ -5,7 +5,8 @@
 (b) a list of parts `{"image": path | PIL.Image}` / `{"text": str}`: one user message, rendered by the
     checkpoint's chat template (with its default system prompt) and the assistant's turn opened;
 (c) chat messages `[{"role": ..., "content": str | parts}, ...]`, rendered the same way;
-(d) vLLM's `{"prompt": (a) | (b) | (c), "multi_modal_data": {"image": image | [images]}}`.
+(d) vLLM's `{"prompt": (a) | (b) | (c), "multi_modal_data": {"image": image | [images]}}`; the image
+    parts of (b) or (c) then only mark where the given images go, in order.
 
 Each image's single <|image_pad|> becomes as many as the image has tokens after the vision tower's 2x2
 merge: (H / 14) (W / 14) / 4 at the size smart_resize gives it (only the image's header is read here).
@@ -88,8 +89,8 @@ def render(tok: Qwen2VLTokenizer, image_cfg: ImageConfig, prompt) -> RenderedPro
     else:
         raise EngineError(f"a prompt is a string, a list of parts, chat messages or a dict; got {type(prompt).__name__}")
     if given is not None:
-        if images:
-            raise EngineError("images both in the prompt's parts and in multi_modal_data: give them one way")
+        if images and len(images) != len(given):
+            raise EngineError(f"the prompt's parts mark {len(images)} image(s) and multi_modal_data gives {len(given)}")
         images = given
     ids = tok.encode(text)
     pad = tok.ids["<|image_pad|>"]
