@@ -94,13 +94,17 @@ def task_yaml(tmp_path, textvqa) -> Path:
     })  # fmt: skip
 
 
-def build_tiny_qwen2vl(out: Path) -> Path:
+def build_tiny_qwen2vl(out: Path, variant: str = "qwen2_vl") -> Path:
     """A random Qwen2-VL (2 layers, hidden 64) with a small byte-level BPE tokenizer, a chat template
-    and Qwen2-VL's own image processor, saved with save_pretrained."""
+    and Qwen2-VL's own image processor, saved with save_pretrained. variant "qwen2_5_vl": Qwen2.5-VL
+    (its vision tower: 4 blocks, windows of 56 px, full attention in blocks 1 and 3)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
         PreTrainedTokenizerFast,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
         Qwen2VLProcessor,
@@ -125,25 +129,30 @@ def build_tiny_qwen2vl(out: Path) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=specials[3:])  # fmt: skip
     fast.chat_template = chat
-    processor = Qwen2VLProcessor(
+    five = variant == "qwen2_5_vl"
+    processor = (Qwen2_5_VLProcessor if five else Qwen2VLProcessor)(
         image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
         tokenizer=fast, video_processor=Qwen2VLVideoProcessor(), chat_template=chat,
     )  # fmt: skip
     v = fast.get_vocab()
-    config = Qwen2VLConfig(
+    vision = (dict(depth=4, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=4, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3],
+                   in_channels=3) if five else
+              dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3))  # fmt: skip
+    config = (Qwen2_5_VLConfig if five else Qwen2VLConfig)(
         text_config=dict(
             vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, bos_token_id=v["<|endoftext|>"],
             eos_token_id=v["<|im_end|>"], pad_token_id=v["<|endoftext|>"], tie_word_embeddings=False,
         ),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        vision_config=vision,
         image_token_id=v["<|image_pad|>"], video_token_id=v["<|video_pad|>"],
         vision_start_token_id=v["<|vision_start|>"], vision_end_token_id=v["<|vision_end|>"],
     )  # fmt: skip
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(config)
+    model = (Qwen2_5_VLForConditionalGeneration if five else Qwen2VLForConditionalGeneration)(config)
     model.generation_config.eos_token_id = v["<|im_end|>"]
     model.generation_config.pad_token_id = v["<|endoftext|>"]
     model.save_pretrained(out)
@@ -154,6 +163,11 @@ def build_tiny_qwen2vl(out: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2vl(tmp_path_factory) -> Path:
     return build_tiny_qwen2vl(tmp_path_factory.mktemp("qwen2vl") / "tiny-qwen2-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5vl(tmp_path_factory) -> Path:
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("qwen2_5vl") / "tiny-qwen2.5-vl", "qwen2_5_vl")
 
 
 @pytest.fixture

@@ -250,3 +250,30 @@ def test_both_config_layouts_give_the_same_text_config():
                               "rope_parameters": {"rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}}}  # fmt: skip
     a, b = TextConfig.from_dict(released), TextConfig.from_dict(nested)
     assert a == b and (a.head_dim, a.num_key_value_heads, a.mrope_section) == (128, 4, (16, 24, 24))
+
+
+def test_qwen2_5_vl_vision_tower_with_window_attention_equals_transformers(photo_dir):
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    from engine.models.qwen2_vl.vision import VisionConfig, VisionTransformer
+
+    # windows of 56 px = 2x2 merge groups: the photos' grids are not multiples of it (edge windows)
+    raw = dict(depth=4, hidden_size=32, out_hidden_size=48, intermediate_size=40, num_heads=4, patch_size=14,
+               spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3],
+               in_channels=3, hidden_act="silu")  # fmt: skip
+    torch.manual_seed(0)
+    ref = Qwen2_5_VisionTransformerPretrainedModel._from_config(Qwen2_5_VLVisionConfig(**raw),
+                                                               attn_implementation="eager").eval()  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # every weight random and attention sharp: norms, windows and order all matter
+        for name, p in ref.named_parameters():
+            p.copy_((1.0 if "norm" in name or "ln_q" in name else 0.0) + 0.5 * torch.randn(p.shape, generator=g))
+    ours = VisionTransformer(VisionConfig.from_dict(raw, windowed=True)).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    patches, grids = _patches(photo_dir, ["coffee.png", "rocket.png", "astronaut.jpg"], max_pixels=28 * 28 * 40)
+    assert any((h // 2) % 2 for _, h, _ in grids) or any((w // 2) % 2 for _, _, w in grids)  # an edge window
+    with torch.inference_mode():
+        want = ref(patches, grid_thw=torch.tensor(grids)).pooler_output
+        got = ours(patches, grids)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()

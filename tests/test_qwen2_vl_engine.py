@@ -1,7 +1,9 @@
-"""Protects Qwen2-VL on the engine (engine/models/qwen2_vl/, model_type "qwen2_vl") end to end against
-transformers' own Qwen2VLForConditionalGeneration and Qwen2VLProcessor on a tiny random checkpoint that
-transformers itself wrote (save_pretrained; conftest's build_tiny_qwen2vl: a byte-level BPE tokenizer
-trained in the test, a chat template, the real image processor with small max_pixels):
+"""Protects Qwen2-VL and Qwen2.5-VL on the engine (engine/models/qwen2_vl/, model_type "qwen2_vl" and
+"qwen2_5_vl") end to end against transformers' own Qwen2VLForConditionalGeneration /
+Qwen2_5_VLForConditionalGeneration and their processors, on tiny random checkpoints that transformers
+itself wrote (save_pretrained; conftest's build_tiny_qwen2vl: a byte-level BPE tokenizer trained in the
+test, a chat template, the real image processor with small max_pixels; Qwen2.5-VL with window attention
+whose windows the images' grids do not fill):
 
 - the prompt token ids (chat template, <|image_pad|> expanded to each image's merged patch count) equal
   the processor's, the greedy tokens equal transformers' generate and every generated token's
@@ -35,14 +37,21 @@ def _cases(photo_dir):
     }  # fmt: skip
 
 
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def ckpt(request):
+    """The tiny checkpoint of each model_type the family runs."""
+    return request.getfixturevalue({"qwen2_vl": "tiny_qwen2vl", "qwen2_5_vl": "tiny_qwen2_5vl"}[request.param])
+
+
 @pytest.fixture(scope="module")
-def reference(tiny_qwen2vl, photo_dir):
+def reference(ckpt, photo_dir):
     """transformers' prompt ids and greedy tokens for each case, one request at a time."""
     from PIL import Image
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(tiny_qwen2vl)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen2vl, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(ckpt)
+    model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
+    logprobs.clear()
     out = {}
     for name, (parts, paths) in _cases(photo_dir).items():
         content = [{"type": "image"} if "image" in p else {"type": "text", "text": p["text"]} for p in parts]
@@ -69,8 +78,8 @@ def _generate(llm, prompts):
     return [(list(o.prompt_token_ids), list(o.token_ids)) for o in outs]
 
 
-def test_each_prompt_alone_equals_transformers(tiny_qwen2vl, photo_dir, reference):
-    llm = _llm(tiny_qwen2vl)
+def test_each_prompt_alone_equals_transformers(ckpt, photo_dir, reference):
+    llm = _llm(ckpt)
     for name, (parts, _) in _cases(photo_dir).items():
         [out] = llm.generate([parts], SamplingParams(max_tokens=NEW, min_tokens=NEW, logprobs=-1), use_tqdm=False)
         want_ids, want_tokens = reference[name]
@@ -81,16 +90,16 @@ def test_each_prompt_alone_equals_transformers(tiny_qwen2vl, photo_dir, referenc
         assert diff < 1e-4, (name, diff)
 
 
-def test_a_batch_the_prefix_cache_and_preemption_give_the_same_tokens(tiny_qwen2vl, photo_dir, reference):
+def test_a_batch_the_prefix_cache_and_preemption_give_the_same_tokens(ckpt, photo_dir, reference):
     cases = _cases(photo_dir)
     prompts = [parts for parts, _ in cases.values()] * 2
     want = [reference[name] for name in cases] * 2
-    llm = _llm(tiny_qwen2vl)
+    llm = _llm(ckpt)
     assert _generate(llm, prompts) == want  # the second copy of each prompt is served by the prefix cache
     assert llm.llm_engine.block_manager.hit_tokens > 0
     # room for every prompt but not for their growth: decoding preempts and recomputes
     prompt_blocks = sum(-(-len(ids) // 4) for ids, _ in want)
-    small = _llm(tiny_qwen2vl, num_blocks=prompt_blocks + 1, block_size=4, enable_prefix_caching=False)
+    small = _llm(ckpt, num_blocks=prompt_blocks + 1, block_size=4, enable_prefix_caching=False)
     assert _generate(small, prompts) == want
     assert small.llm_engine.scheduler.num_preemptions > 0
 

@@ -13,6 +13,7 @@ from .base import ModelFamily, read_config
 REGISTRY: dict[str, tuple[str, str]] = {
     "qwen": ("engine.models.qwen_vl:QwenVLFamily", "Qwen-VL (Qwen/Qwen-VL, Qwen/Qwen-VL-Chat)"),
     "qwen2_vl": ("engine.models.qwen2_vl:Qwen2VLFamily", "Qwen2-VL (Qwen/Qwen2-VL-*)"),
+    "qwen2_5_vl": ("engine.models.qwen2_vl:Qwen2VLFamily", "Qwen2.5-VL (Qwen/Qwen2.5-VL-*)"),
 }
 
 

@@ -32,7 +32,7 @@ from .base import (
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 MAX_LABEL_BYTES = 256  # Qwen-VL's <img>..</img> span holds at most this many path bytes
 # models whose prompts are always their chat template's user turn, as the hf backend renders every model
-CHAT_TEMPLATE_MODELS = {"qwen2_vl"}
+CHAT_TEMPLATE_MODELS = {"qwen2_vl", "qwen2_5_vl"}
 # Performance prompts: text tokens drawn from these ids (ordinary BPE tokens of the Qwen vocabulary, far
 # from its special tokens), and one random-noise image of Qwen-VL's input size.
 FILLER_IDS = (1000, 30000)

@@ -1,6 +1,7 @@
-"""Qwen2-VL (Qwen/Qwen2-VL-*), computed as transformers' own implementation computes it:
-`Qwen2VLFamily` is what the engine's registry finds for model_type "qwen2_vl". Qwen2.5-VL (window
-attention and RMSNorm/SwiGLU blocks in the vision tower) is not here yet.
+"""Qwen2-VL (Qwen/Qwen2-VL-*) and Qwen2.5-VL (Qwen/Qwen2.5-VL-*), computed as transformers' own
+implementations compute them: `Qwen2VLFamily` is what the engine's registry finds for model_type
+"qwen2_vl" and "qwen2_5_vl" (the same language model; Qwen2.5-VL's vision tower has window attention
+and RMSNorm/SwiGLU blocks).
 
 rope.py (multimodal rotary positions), processor.py (dynamic-resolution image preprocessing),
 vision.py (the vision tower), language.py (the language model over the paged cache: grouped-query
@@ -38,7 +39,7 @@ class Qwen2VLFamily(ModelFamily):
 
         try:
             self.text = cfg = TextConfig.from_dict(raw_config)
-            self.vision = VisionConfig.from_dict(raw_config["vision_config"])
+            self.vision = VisionConfig.from_dict(raw_config["vision_config"], windowed=raw_config.get("model_type") == "qwen2_5_vl")
         except KeyError as e:
             raise EngineError(f"{config_path}: no {e.args[0]}: not a Qwen2-VL config.json") from None
         check_divides(tp_size, {"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads":

@@ -30,6 +30,7 @@ from ...distributed import (
     VocabParallelEmbedding,
 )
 from ..base import CausalLM
+from .layers import RMSNorm
 from .processor import ImageConfig, patchify
 from .rope import MRotaryEmbedding, apply_rotary
 from .vision import VisionConfig, VisionTransformer
@@ -81,17 +82,6 @@ class MRopeState:
 
     positions: torch.Tensor
     delta: int
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class StepContext:

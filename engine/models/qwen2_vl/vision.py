@@ -1,6 +1,7 @@
-"""Qwen2-VL's vision tower, as transformers' Qwen2VisionTransformerPretrainedModel computes it;
-parameter names match its keys (`patch_embed.proj`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,
-mlp.fc2}`, `merger.{ln_q,mlp.0,mlp.2}`) under the checkpoint's `visual.` prefix.
+"""Qwen2-VL's vision tower, as transformers' Qwen2VisionTransformerPretrainedModel computes it, and
+Qwen2.5-VL's (Qwen2_5_VisionTransformerPretrainedModel); parameter names match their keys
+(`patch_embed.proj`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.*}`, `merger.{ln_q,mlp.0,mlp.2}`)
+under the checkpoint's `visual.` prefix.
 
 patches [N, 3 x 2 x 14 x 14] (processor.patchify, images concatenated) -> Conv3d patch embedding (no bias)
 -> blocks: x + attn(LayerNorm(x)), x + mlp(LayerNorm(x)) (eps 1e-6; fused qkv with bias; 2-D rotary on
@@ -8,6 +9,11 @@ q and k in fp32: the first half of each head's rotary frequencies turn with the 
 second with its column; attention within each image only; mlp fc1 -> quick_gelu -> fc2) -> merger:
 LayerNorm, each 2x2 group of patches (contiguous in the processor's order) concatenated, Linear ->
 exact GELU -> Linear to the language model's width: [N / 4, hidden], image after image.
+
+Qwen2.5-VL differs in: RMSNorm instead of LayerNorm (blocks and merger), a SwiGLU MLP (gate/up/down
+with bias, silu), and window attention: the 2x2 merge groups are reordered window by window (windows
+of window_size pixels, the image's edge windows smaller), every block but those in
+fullatt_block_indexes attends within a window, and the merger's output goes back to the image's order.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .layers import RMSNorm
 
 
 @dataclass(frozen=True)
@@ -32,13 +40,23 @@ class VisionConfig:
     in_channels: int = 3
     hidden_act: str = "quick_gelu"
     rope_theta: float = 10000.0
+    # Qwen2.5-VL
+    windowed: bool = False  # RMSNorm, SwiGLU and window attention
+    intermediate_size: int = 0  # the SwiGLU MLP's width
+    window_size: int = 112  # pixels a side
+    fullatt_block_indexes: tuple[int, ...] = ()
 
     @classmethod
-    def from_dict(cls, raw: dict) -> VisionConfig:
+    def from_dict(cls, raw: dict, windowed: bool = False) -> VisionConfig:
+        """config.json's vision_config. Qwen2.5-VL's names the tower's width hidden_size and the
+        language model's out_hidden_size."""
         d = cls()
         rope = raw.get("rope_parameters") or {}
-        return cls(**{k: raw.get(k, getattr(d, k)) for k in cls.__dataclass_fields__ if k != "rope_theta"},
-                   rope_theta=rope.get("rope_theta", raw.get("rope_theta", d.rope_theta)))  # fmt: skip
+        keys = {k: raw.get(k, getattr(d, k)) for k in cls.__dataclass_fields__ if k not in ("rope_theta", "windowed")}
+        if windowed:
+            keys.update(embed_dim=raw["hidden_size"], hidden_size=raw["out_hidden_size"], hidden_act=raw.get("hidden_act", "silu"),
+                        fullatt_block_indexes=tuple(raw.get("fullatt_block_indexes", ())))  # fmt: skip
+        return cls(**keys, windowed=windowed, rope_theta=rope.get("rope_theta", raw.get("rope_theta", d.rope_theta)))
 
 
 ACTIVATIONS = {
@@ -109,11 +127,30 @@ class VisionMlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class GatedMlp(nn.Module):
+    """Qwen2.5-VL's: down(act(gate(x)) * up(x)), with biases."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        width, inner = cfg.embed_dim, cfg.intermediate_size
+        self.gate_proj, self.up_proj = nn.Linear(width, inner), nn.Linear(width, inner)
+        self.down_proj = nn.Linear(inner, width)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def norm(cfg: VisionConfig, dim: int) -> nn.Module:
+    return RMSNorm(dim, 1e-6) if cfg.windowed else nn.LayerNorm(dim, eps=1e-6)
+
+
 class VisionBlock(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=1e-6), nn.LayerNorm(cfg.embed_dim, eps=1e-6)
-        self.attn, self.mlp = VisionAttention(cfg), VisionMlp(cfg)
+        self.norm1, self.norm2 = norm(cfg, cfg.embed_dim), norm(cfg, cfg.embed_dim)
+        self.attn = VisionAttention(cfg)
+        self.mlp = GatedMlp(cfg) if cfg.windowed else VisionMlp(cfg)
 
     def forward(self, x, lengths, cos, sin):
         x = x + self.attn(self.norm1(x), lengths, cos, sin)
@@ -124,7 +161,7 @@ class PatchMerger(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.width = cfg.embed_dim * cfg.spatial_merge_size**2
-        self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.ln_q = norm(cfg, cfg.embed_dim)
         self.mlp = nn.Sequential(nn.Linear(self.width, self.width), nn.GELU(), nn.Linear(self.width, cfg.hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +188,31 @@ class VisionTransformer(nn.Module):
         emb = torch.cat((angles, angles), dim=-1)  # [N, head_dim]: row angles, column angles, twice
         cos, sin = emb.cos(), emb.sin()
         lengths = [t * h * w for t, h, w in grids]
-        for block in self.blocks:
-            x = block(x, lengths, cos, sin)
-        return self.merger(x)
+        if not cfg.windowed:
+            for block in self.blocks:
+                x = block(x, lengths, cos, sin)
+            return self.merger(x)
+        order, windows = window_order(grids, cfg)
+        unit = cfg.spatial_merge_size**2
+        x, cos, sin = (t.view(-1, unit, t.shape[-1])[order].flatten(0, 1) for t in (x, cos, sin))
+        for i, block in enumerate(self.blocks):
+            x = block(x, lengths if i in cfg.fullatt_block_indexes else windows, cos, sin)
+        return self.merger(x)[torch.argsort(order)]
+
+
+def window_order(grids: list[tuple[int, int, int]], cfg: VisionConfig) -> tuple[torch.Tensor, list[int]]:
+    """Qwen2.5-VL's windows: the merge groups of each image reordered window by window (windows of
+    window_size pixels, cut short at the image's right and bottom edges), and each window's patch count."""
+    side = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size  # merge groups a window side
+    order, windows, first = [], [], 0
+    for t, h, w in grids:
+        gh, gw = h // cfg.spatial_merge_size, w // cfg.spatial_merge_size
+        index = torch.arange(t * gh * gw).view(t, gh, gw) + first
+        for frame in index:
+            for r in range(0, gh, side):
+                for c in range(0, gw, side):
+                    window = frame[r : r + side, c : c + side].flatten()
+                    order.append(window)
+                    windows.append(len(window) * cfg.spatial_merge_size**2)
+        first += t * gh * gw
+    return torch.cat(order), windows
