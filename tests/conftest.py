@@ -142,7 +142,8 @@ def build_tiny_qwen2vl(out: Path, variant: str = "qwen2_vl") -> Path:
                    spatial_merge_size=2, temporal_patch_size=2, in_channels=3))  # fmt: skip
     config = (Qwen2_5_VLConfig if five else Qwen2VLConfig)(
         text_config=dict(
-            vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            vocab_size=-(-tok.get_vocab_size() // 8) * 8, hidden_size=64,  # padded, as released checkpoints pad it
+            intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, bos_token_id=v["<|endoftext|>"],
             eos_token_id=v["<|im_end|>"], pad_token_id=v["<|endoftext|>"], tie_word_embeddings=False,

@@ -11,6 +11,7 @@ whose windows the images' grids do not fill):
   different sizes and aspect ratios; and the tokens of all of them in one engine batch;
 - the same outputs through the prefix cache, and from a cache small enough to preempt;
 - prompts that do not add up (placeholders vs images) are one EngineError;
+- tensor parallelism 2 under torchrun (gloo): the single process's tokens and logprobs on every rank;
 - the harness: a TextVQA run on the engine backend equals the same run on the hf backend, sample for
   sample (raw output, prediction, score, token counts); a performance run on the engine backend is
   refused in one line for now.
@@ -18,10 +19,15 @@ whose windows the images' grids do not fill):
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from engine import LLM, EngineError, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 NEW = 6
 logprobs: dict[str, torch.Tensor] = {}  # transformers' per case, filled by the reference fixture
@@ -177,3 +183,38 @@ def test_the_shipped_config_asks_lmms_evals_textvqa_question(tiny_qwen2vl, textv
     record = json.loads(path.read_text().splitlines()[0])
     assert record["prompt"].endswith(f"{record['question']}\nAnswer the question using a single word or phrase."
                                      "<|im_end|>\n<|im_start|>assistant\n")
+
+
+TP_SCRIPT = """
+import json, os, sys
+from engine import LLM, SamplingParams
+ckpt, photos, out = sys.argv[1:4]
+prompts = [[{"text": "Say something about a stop sign."}],
+           [{"image": os.path.join(photos, "coffee.png")}, {"text": "What is in the picture?"}]]
+llm = LLM(ckpt, dtype="float32", device="cpu", max_model_len=512, num_blocks=64, block_size=16, progress=False,
+          tensor_parallel_size=int(os.environ.get("WORLD_SIZE", "1")))
+outs = llm.generate(prompts, SamplingParams(max_tokens=6, min_tokens=6, logprobs=-1), use_tqdm=False)
+import torch
+torch.save([(list(o.token_ids), torch.stack(o.outputs[0].logprobs)) for o in outs], out + "." + os.environ.get("RANK", "0"))
+"""
+
+
+def test_tensor_parallel_2_gives_the_single_process_tokens(ckpt, photo_dir, tmp_path):
+    """torchrun, gloo, 2 processes: q/k/v split by head with 2 KV heads over 2 ranks, the vocabulary split."""
+    import subprocess
+    import sys
+
+    from dist_worker import torchrun  # (tests/ is on the path)
+
+    script = tmp_path / "tp.py"
+    script.write_text(TP_SCRIPT)
+    single = subprocess.run([sys.executable, str(script), str(ckpt), str(photo_dir), str(tmp_path / "one")],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-2000:]
+    done = torchrun(2, str(script), str(ckpt), str(photo_dir), str(tmp_path / "two"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    want = torch.load(tmp_path / "one.0", weights_only=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"two.{rank}", weights_only=True)
+        assert [t for t, _ in got] == [t for t, _ in want]
+        assert all(torch.allclose(a, b, atol=1e-5) for (_, a), (_, b) in zip(got, want, strict=True))
