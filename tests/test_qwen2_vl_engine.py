@@ -12,6 +12,7 @@ whose windows the images' grids do not fill):
 - the same outputs through the prefix cache, and from a cache small enough to preempt;
 - prompts that do not add up (placeholders vs images) are one EngineError;
 - tensor parallelism 2 under torchrun (gloo): the single process's tokens and logprobs on every rank;
+- python -m engine.serve answers an OpenAI chat completion with an image, its prompt rendered as offline;
 - the harness: a TextVQA run on the engine backend equals the same run on the hf backend, sample for
   sample (raw output, prediction, score, token counts); a performance run on the engine backend is
   refused in one line for now.
@@ -162,7 +163,8 @@ def test_performance_on_the_engine_backend_is_qwen_vl_only_for_now(tiny_qwen2vl,
                  "--device", "cpu", "--output_dir", str(tmp_path / "out"), "--no_progress"])  # fmt: skip
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("modeltest")]
     assert code == 2 and err[-1] == ("modeltest: error: task_type performance on the engine backend runs Qwen-VL only "
-                                     "for now; measure this model through python -m engine.serve and --backend openai")
+                                     "for now; serve this model (python -m engine.serve) and measure it with --backend "
+                                     "openai")
 
 
 def test_the_shipped_config_asks_lmms_evals_textvqa_question(tiny_qwen2vl, textvqa, tmp_path):
@@ -218,3 +220,30 @@ def test_tensor_parallel_2_gives_the_single_process_tokens(ckpt, photo_dir, tmp_
         got = torch.load(tmp_path / f"two.{rank}", weights_only=True)
         assert [t for t, _ in got] == [t for t, _ in want]
         assert all(torch.allclose(a, b, atol=1e-5) for (_, a), (_, b) in zip(got, want, strict=True))
+
+
+def test_the_server_answers_a_chat_with_an_image(tiny_qwen2vl, photo_dir):
+    """python -m engine.serve on Qwen2-VL: an OpenAI chat completion with an image runs through the family's
+    chat template; its usage counts the prompt as the engine renders it."""
+    import base64
+    import subprocess
+
+    import openai
+    from test_openai_backend import _listening
+
+    proc = subprocess.Popen([sys.executable, "-m", "engine.serve", str(tiny_qwen2vl), "--port", "0", "--device", "cpu",
+                             "--dtype", "float32"], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        url = _listening(proc, timeout_s=180)
+        data = base64.b64encode((photo_dir / "coffee.png").read_bytes()).decode()
+        reply = openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY").chat.completions.create(
+            model=str(tiny_qwen2vl), max_tokens=4, temperature=0, extra_body={"min_tokens": 4},
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+                                                   {"type": "text", "text": "What is in the picture?"}]}],
+        )  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    want = _llm(tiny_qwen2vl).llm_engine.prompt_token_ids([{"image": str(photo_dir / "coffee.png")},
+                                                           {"text": "What is in the picture?"}])  # fmt: skip
+    assert reply.usage.completion_tokens == 4 and reply.usage.prompt_tokens == len(want)

@@ -165,8 +165,8 @@ class EngineBackend(Backend):
 
     def _perf_supported(self) -> None:
         if self.chat_only:  # its prompts are built from Qwen-VL's token ids and image span
-            raise ModelTestError("task_type performance on the engine backend runs Qwen-VL only for now; measure "
-                                 "this model through python -m engine.serve and --backend openai")  # fmt: skip
+            raise ModelTestError("task_type performance on the engine backend runs Qwen-VL only for now; serve "
+                                 "this model (python -m engine.serve) and measure it with --backend openai")  # fmt: skip
 
     def image_span_tokens(self) -> int:
         import numpy as np
