@@ -13,6 +13,7 @@ whose windows the images' grids do not fill):
 - prompts that do not add up (placeholders vs images) are one EngineError;
 - tensor parallelism 2 under torchrun (gloo): the single process's tokens and logprobs on every rank;
 - python -m engine.serve answers an OpenAI chat completion with an image, its prompt rendered as offline;
+- benchmarks/engine_qwen2_vl.py runs both systems and prints their agreement;
 - the harness: a TextVQA run on the engine backend equals the same run on the hf backend, sample for
   sample (raw output, prediction, score, token counts); a performance run on the engine backend is
   refused in one line for now.
@@ -247,3 +248,17 @@ def test_the_server_answers_a_chat_with_an_image(tiny_qwen2vl, photo_dir):
     want = _llm(tiny_qwen2vl).llm_engine.prompt_token_ids([{"image": str(photo_dir / "coffee.png")},
                                                            {"text": "What is in the picture?"}])  # fmt: skip
     assert reply.usage.completion_tokens == 4 and reply.usage.prompt_tokens == len(want)
+
+
+def test_the_benchmark_prints_both_systems_and_their_agreement(tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "benchmarks/engine_qwen2_vl.py"), "--requests", "4", "--images", "3",
+                           "--hf_batches", "1,2", "--max_pixels", str(112 * 112), "--checkpoint_dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split("  ")[0]: line for line in proc.stdout.splitlines() if line.endswith("/4")}
+    assert set(rows) == {"transformers batch 1", "transformers batch 2", "engine"}
+    assert all(line.endswith(" 4/4") for line in rows.values())  # the same greedy tokens in every setting
+    assert "engine / transformers best (transformers batch" in proc.stdout
