@@ -15,8 +15,8 @@ whose windows the images' grids do not fill):
 - python -m engine.serve answers an OpenAI chat completion with an image, its prompt rendered as offline;
 - benchmarks/engine_qwen2_vl.py runs both systems and prints their agreement;
 - the harness: a TextVQA run on the engine backend equals the same run on the hf backend, sample for
-  sample (raw output, prediction, score, token counts); a performance run on the engine backend is
-  refused in one line for now.
+  sample (raw output, prediction, score, token counts); a performance run on the engine backend runs
+  the exact token counts, with an image (its 448x448 noise image's span from the family) and without;
 """
 
 from __future__ import annotations
@@ -119,6 +119,12 @@ def test_placeholders_and_images_must_add_up(tiny_qwen2vl, photo_dir):
     assert family.process_prompt([{"text": "hi"}]).stop_token_ids == {ids["<|im_end|>"], ids["<|endoftext|>"]} == {2, 0}
     with pytest.raises(EngineError, match=r"1 image placeholder\(s\) .* for 0 image\(s\)"):
         llm.llm_engine.add_request("a", "<|vision_start|><|image_pad|><|vision_end|>What is it?")
+    ids = llm.llm_engine.prompt_token_ids({"prompt": "<|vision_start|><|image_pad|><|vision_end|>",
+                                           "multi_modal_data": {"image": str(photo_dir / "coffee.png")}})  # fmt: skip
+    image = {"multi_modal_data": {"image": str(photo_dir / "coffee.png")}}
+    assert llm.llm_engine.prompt_token_ids({"prompt_token_ids": ids, **image}) == ids  # vLLM's form, as given
+    with pytest.raises(EngineError, match=r"image 1's span is \d+ tokens; the image takes \d+"):
+        llm.llm_engine.add_request("c", {"prompt_token_ids": ids[:-2] + ids[-1:], **image})
     with pytest.raises(EngineError, match="image not found"):
         llm.llm_engine.add_request("b", [{"image": str(photo_dir / "missing.png")}, {"text": "?"}])
 
@@ -151,41 +157,26 @@ def test_a_textvqa_run_on_the_engine_backend_equals_the_hf_backends(hf_model_yam
     assert runs["engine"] == runs["hf"]
 
 
-def test_performance_on_the_engine_backend_is_qwen_vl_only_for_now(tiny_qwen2vl, tmp_path, capsys):
+def test_performance_on_the_engine_backend_runs_the_exact_token_counts(tiny_qwen2vl, tmp_path):
+    import json
+
     import yaml
 
     from modeltest.cli import main
 
     (tmp_path / "model.yaml").write_text(yaml.safe_dump({"model_name": "t", "model_path": str(tiny_qwen2vl),
-                                                         "data_type": "fp32", "backend": "engine"}))  # fmt: skip
-    (tmp_path / "task.yaml").write_text(yaml.safe_dump({"task_type": "performance", "task_name": "synthetic",
-                                                        "case_pair": [[300, 2]]}))  # fmt: skip
-    code = main(["--model_config_path", str(tmp_path / "model.yaml"), "--task_config_path", str(tmp_path / "task.yaml"),
-                 "--device", "cpu", "--output_dir", str(tmp_path / "out"), "--no_progress"])  # fmt: skip
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("modeltest")]
-    assert code == 2 and err[-1] == ("modeltest: error: task_type performance on the engine backend runs Qwen-VL only "
-                                     "for now; serve this model (python -m engine.serve) and measure it with --backend "
-                                     "openai")
-
-
-def test_the_shipped_config_asks_lmms_evals_textvqa_question(tiny_qwen2vl, textvqa, tmp_path):
-    import json
-    from pathlib import Path
-
-    import yaml
-
-    from modeltest.cli import main
-
-    shipped = yaml.safe_load((Path(__file__).parent.parent / "configs/model/qwen2_vl.yaml").read_text())
-    assert shipped["backend"] == "engine"
-    (tmp_path / "m.yaml").write_text(yaml.safe_dump({**shipped, "model_path": str(tiny_qwen2vl), "data_type": "fp32"}))
-    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"task_name": "textvqa", "local_dataset_path": str(textvqa)}))
-    assert main(["--model_config_path", str(tmp_path / "m.yaml"), "--task_config_path", str(tmp_path / "t.yaml"),
-                 "--device", "cpu", "--limit", "1", "--output_dir", str(tmp_path / "out"), "--no_progress"]) == 0  # fmt: skip
-    (path,) = (tmp_path / "out").glob("debug/**/samples.jsonl")
-    record = json.loads(path.read_text().splitlines()[0])
-    assert record["prompt"].endswith(f"{record['question']}\nAnswer the question using a single word or phrase."
-                                     "<|im_end|>\n<|im_start|>assistant\n")
+                                                         "data_type": "fp32", "backend": "engine", "block_size": 16}))  # fmt: skip
+    for with_image, cases in ((True, [[40, 3], [24, 2]]), (False, [[17, 3]])):
+        (tmp_path / "task.yaml").write_text(yaml.safe_dump({"task_type": "performance", "task_name": "synthetic",
+                                                            "case_pair": cases, "batch_size": [2], "warmup_rounds": 0,
+                                                            "with_image": with_image}))  # fmt: skip
+        out = tmp_path / f"out{with_image}"
+        assert main(["--model_config_path", str(tmp_path / "model.yaml"), "--task_config_path", str(tmp_path / "task.yaml"),
+                     "--device", "cpu", "--output_dir", str(out), "--no_progress"]) == 0  # fmt: skip
+        (found,) = out.glob("results/**/performance_pa_batch2_tp1_result.json")
+        for case in json.loads(found.read_text())["cases"]:
+            assert case["error"] is None
+            assert case["input_tokens"] == [case["input_len"]] * 2 and case["output_tokens"] == [case["output_len"]] * 2
 
 
 TP_SCRIPT = """

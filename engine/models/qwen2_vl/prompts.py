@@ -6,7 +6,9 @@
     checkpoint's chat template (with its default system prompt) and the assistant's turn opened;
 (c) chat messages `[{"role": ..., "content": str | parts}, ...]`, rendered the same way;
 (d) vLLM's `{"prompt": (a) | (b) | (c), "multi_modal_data": {"image": image | [images]}}`; the image
-    parts of (b) or (c) then only mark where the given images go, in order.
+    parts of (b) or (c) then only mark where the given images go, in order;
+(e) vLLM's `{"prompt_token_ids": [...]}` (optionally with multi_modal_data): ids as `prompt_token_ids`
+    gives them, each image already a run of as many <|image_pad|> as it has tokens.
 
 Each image's single <|image_pad|> becomes as many as the image has tokens after the vision tower's 2x2
 merge: (H / 14) (W / 14) / 4 at the size smart_resize gives it (only the image's header is read here).
@@ -66,8 +68,43 @@ def _content(parts) -> tuple[list[dict], list]:
     return content, images
 
 
+def image_tokens(source, image_cfg: ImageConfig) -> tuple[int, tuple[int, int, int]]:
+    """An image's token count after the 2x2 merge, and its (t, h, w) patch grid."""
+    width, height = image_size(source)
+    h, w = smart_resize(height, width, image_cfg.factor, image_cfg.min_pixels, image_cfg.max_pixels)
+    grid = (1, h // image_cfg.patch_size, w // image_cfg.patch_size)
+    return grid[1] * grid[2] // image_cfg.merge_size**2, grid
+
+
+def _from_ids(tok: Qwen2VLTokenizer, image_cfg: ImageConfig, ids: list, images: list) -> RenderedPrompt:
+    """Form (e): each run of <|image_pad|> is the next image's span, which must be its length."""
+    if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < tok.vocab_size for i in ids):
+        raise EngineError(f"prompt_token_ids must be a list of token ids below {tok.vocab_size}")
+    pad, spans, i = tok.ids["<|image_pad|>"], [], 0
+    while i < len(ids):
+        if ids[i] != pad:
+            i += 1
+            continue
+        run = i
+        while i < len(ids) and ids[i] == pad:
+            i += 1
+        if len(spans) == len(images):
+            raise EngineError(f"prompt_token_ids hold more image spans than the {len(images)} image(s) given")
+        n, grid = image_tokens(images[len(spans)], image_cfg)
+        if i - run != n:
+            raise EngineError(f"prompt_token_ids: image {len(spans) + 1}'s span is {i - run} tokens; the image takes {n}")
+        spans.append((run, n, grid))
+    if len(spans) != len(images):
+        raise EngineError(f"prompt_token_ids hold {len(spans)} image span(s) for {len(images)} image(s)")
+    return RenderedPrompt(tok.decode(ids), list(ids), list(images), spans)
+
+
 def render(tok: Qwen2VLTokenizer, image_cfg: ImageConfig, prompt) -> RenderedPrompt:
     given = None
+    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+        given = (prompt.get("multi_modal_data") or {}).get("image")
+        return _from_ids(tok, image_cfg, prompt["prompt_token_ids"], [] if given is None else
+                         given if isinstance(given, list) else [given])  # fmt: skip
     if isinstance(prompt, dict):
         if "prompt" not in prompt:
             raise EngineError("a dict prompt needs 'prompt' (and optionally 'multi_modal_data': {'image': ...})")
@@ -99,10 +136,7 @@ def render(tok: Qwen2VLTokenizer, image_cfg: ImageConfig, prompt) -> RenderedPro
         raise EngineError(f"the prompt has {len(where)} image placeholder(s) ({PLACEHOLDER}) for {len(images)} image(s)")
     out, spans, last = [], [], 0
     for at, source in zip(where, images, strict=True):
-        width, height = image_size(source)
-        h, w = smart_resize(height, width, image_cfg.factor, image_cfg.min_pixels, image_cfg.max_pixels)
-        grid = (1, h // image_cfg.patch_size, w // image_cfg.patch_size)
-        n = grid[1] * grid[2] // image_cfg.merge_size**2
+        n, grid = image_tokens(source, image_cfg)
         out += ids[last:at]
         spans.append((len(out), n, grid))
         out += [pad] * n
