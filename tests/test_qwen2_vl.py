@@ -12,6 +12,12 @@ against transformers' own implementation, which is the reference:
   MLP, 2x2 patch merger) equal to Qwen2VisionTransformerPretrainedModel loaded with the same weights
   (its own parameter names), on three images of different grids in one batch, and an image alone
   giving its rows of the batch;
+- the tokenizer on the real Qwen2 vocabulary (built from dashscope's qwen.tiktoken with Qwen2's special
+  tokens at their ids): encode, decode, streaming, and Qwen2-VL-Instruct's chat template (default system
+  prompt) equal to transformers' tokenizer and apply_chat_template;
+- Qwen2.5-VL's vision tower (RMSNorm, SwiGLU, window attention with edge windows, full-attention
+  blocks) equal to transformers';
+- both config.json layouts give the same text config;
 - the language model (RMSNorm, q/k/v with bias, grouped-query attention, M-RoPE, SwiGLU) over the paged
   cache with the torch reference attention: a prefill with two images' features in place and a decode
   step at index + delta, logits within 1e-4 of transformers' language model with every parameter
@@ -277,3 +283,71 @@ def test_qwen2_5_vl_vision_tower_with_window_attention_equals_transformers(photo
         want = ref(patches, grid_thw=torch.tensor(grids)).pooler_output
         got = ours(patches, grids)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+
+
+# Qwen2-VL-Instruct's chat template (its tokenizer_config.json / chat_template.json), default system prompt included
+QWEN2_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] =="
+    " 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qwen2_tokenizer_dir(tmp_path_factory):
+    """Qwen2's tokenizer built from the real Qwen vocabulary (dashscope's qwen.tiktoken: the same byte-level
+    BPE), Qwen2's pre-tokenizer pattern and its special tokens at their ids (151643 <|endoftext|> ...)."""
+    import json
+    from pathlib import Path
+
+    import dashscope
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    vocab = Path(dashscope.__file__).parent / "resources" / "qwen.tiktoken"
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")  # fmt: skip
+    tok = TikTokenConverter(vocab_file=str(vocab), pattern=pattern).converted()
+    tok.add_special_tokens(QWEN2_SPECIALS)
+    out = tmp_path_factory.mktemp("qwen2tok")
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "chat_template": QWEN2_VL_TEMPLATE}))  # fmt: skip
+    return out
+
+
+TEXTS = ["Hello world, what's up? 12345", "你好，世界！這是一個測試。", "emoji 🚀🎉 and café naïve",
+         "  leading spaces\n\nand\ttabs  ", "<|im_start|>user\nhi<|im_end|>", "x<|vision_start|><|image_pad|><|vision_end|>y",
+         "The quick brown fox jumps over the lazy dog." * 3]  # fmt: skip
+
+
+def test_the_tokenizer_equals_transformers_on_the_real_qwen2_vocabulary(qwen2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from engine.models.qwen2_vl.tokenizer import Qwen2VLTokenizer
+
+    ours, ref = Qwen2VLTokenizer(qwen2_tokenizer_dir), AutoTokenizer.from_pretrained(qwen2_tokenizer_dir)
+    assert ours.ids["<|endoftext|>"] == 151643 and ours.ids["<|image_pad|>"] == 151655 and ours.eos_token_id == 151645
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+        stream = ours.token_stream()
+        pieces = [stream.push(i) for i in ids] + [stream.finish()]
+        assert "".join(pieces) == ours.decode(ids)  # streamed deltas add up, partial characters held back
+    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+                [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": [{"type": "text", "text": "More"}]}]]  # fmt: skip
+    for m in messages:
+        assert ours.render_chat(m) == ref.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+    assert ours.render_chat(messages[0]).startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
