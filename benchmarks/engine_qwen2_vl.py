@@ -24,66 +24,25 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page", "text",
           "immunohistochemistry", "hubble_deep_field", "retina", "clock", "colorwheel", "cell")  # fmt: skip
 WORDS = ("what is written on the sign next to the door and which color is the car parked in front of the red brick "
          "building how many people can you count standing near the window of the small shop").split()  # fmt: skip
-CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-        "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|>"
-        "<|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
 
 
 def write_checkpoint(out: Path, model: str, max_pixels: int) -> Path:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLProcessor,
-    )
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    """The reduced shape (see the module's docstring), by qwen2_vl_checkpoint's writer."""
+    from qwen2_vl_checkpoint import write_qwen2_vl
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator([" ".join(WORDS)] * 20 + ["user assistant Answer: question"] * 10, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=specials[3:])  # fmt: skip
-    fast.chat_template = CHAT
-    five = model == "qwen2_5_vl"
-    processor = (Qwen2_5_VLProcessor if five else Qwen2VLProcessor)(
-        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=max_pixels), tokenizer=fast,
-        video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT)  # fmt: skip
-    v = fast.get_vocab()
     vision = (dict(depth=4, hidden_size=128, out_hidden_size=256, intermediate_size=256, num_heads=4, window_size=112,
-                   fullatt_block_indexes=[1, 3]) if five else
+                   fullatt_block_indexes=[1, 3]) if model == "qwen2_5_vl" else
               dict(depth=4, embed_dim=128, hidden_size=256, num_heads=4, mlp_ratio=2))  # fmt: skip
-    config = (Qwen2_5_VLConfig if five else Qwen2VLConfig)(
-        text_config=dict(vocab_size=-(-tok.get_vocab_size() // 8) * 8, hidden_size=256, intermediate_size=512,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}, eos_token_id=v["<|im_end|>"],
-                         pad_token_id=v["<|endoftext|>"], tie_word_embeddings=False),
-        vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, **vision),
-        image_token_id=v["<|image_pad|>"], video_token_id=v["<|video_pad|>"],
-        vision_start_token_id=v["<|vision_start|>"], vision_end_token_id=v["<|vision_end|>"],
-    )  # fmt: skip
-    torch.manual_seed(0)
-    net = (Qwen2_5_VLForConditionalGeneration if five else Qwen2VLForConditionalGeneration)(config)
-    net.generation_config.eos_token_id = v["<|im_end|>"]
-    net.generation_config.pad_token_id = v["<|endoftext|>"]
-    net.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    text = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=4096, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]})  # fmt: skip
+    corpus = [" ".join(WORDS)] * 20 + ["user assistant Answer: question"] * 10
+    return write_qwen2_vl(out, corpus, model, vocab=600, text=text, vision=vision, max_pixels=max_pixels)
 
 
 def workload(folder: Path, requests: int, images: int) -> list[tuple[str, str]]:

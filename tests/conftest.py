@@ -95,70 +95,22 @@ def task_yaml(tmp_path, textvqa) -> Path:
 
 
 def build_tiny_qwen2vl(out: Path, variant: str = "qwen2_vl") -> Path:
-    """A random Qwen2-VL (2 layers, hidden 64) with a small byte-level BPE tokenizer, a chat template
-    and Qwen2-VL's own image processor, saved with save_pretrained. variant "qwen2_5_vl": Qwen2.5-VL
-    (its vision tower: 4 blocks, windows of 56 px, full attention in blocks 1 and 3)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLProcessor,
-    )
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    """A random Qwen2-VL (2 layers, hidden 64, 2 KV heads) with a small byte-level BPE tokenizer, a chat
+    template and Qwen2-VL's own image processor (at most 112 x 112 pixels), saved with save_pretrained
+    (benchmarks/qwen2_vl_checkpoint.py). variant "qwen2_5_vl": Qwen2.5-VL (its vision tower: 4 blocks,
+    windows of 56 px, full attention in blocks 1 and 3)."""
+    import importlib.util
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator([q for q, _ in QUESTIONS] * 10 + ["user assistant Answer: stop white 22"] * 10, trainer)
-    chat = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-        "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|>"
-        "<|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=specials[3:])  # fmt: skip
-    fast.chat_template = chat
-    five = variant == "qwen2_5_vl"
-    processor = (Qwen2_5_VLProcessor if five else Qwen2VLProcessor)(
-        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
-        tokenizer=fast, video_processor=Qwen2VLVideoProcessor(), chat_template=chat,
-    )  # fmt: skip
-    v = fast.get_vocab()
-    vision = (dict(depth=4, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=4, patch_size=14,
-                   spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3],
-                   in_channels=3) if five else
-              dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
-                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3))  # fmt: skip
-    config = (Qwen2_5_VLConfig if five else Qwen2VLConfig)(
-        text_config=dict(
-            vocab_size=-(-tok.get_vocab_size() // 8) * 8, hidden_size=64,  # padded, as released checkpoints pad it
-            intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, bos_token_id=v["<|endoftext|>"],
-            eos_token_id=v["<|im_end|>"], pad_token_id=v["<|endoftext|>"], tie_word_embeddings=False,
-        ),
-        vision_config=vision,
-        image_token_id=v["<|image_pad|>"], video_token_id=v["<|video_pad|>"],
-        vision_start_token_id=v["<|vision_start|>"], vision_end_token_id=v["<|vision_end|>"],
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = (Qwen2_5_VLForConditionalGeneration if five else Qwen2VLForConditionalGeneration)(config)
-    model.generation_config.eos_token_id = v["<|im_end|>"]
-    model.generation_config.pad_token_id = v["<|endoftext|>"]
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    spec = importlib.util.spec_from_file_location("qwen2_vl_checkpoint", REPO / "benchmarks" / "qwen2_vl_checkpoint.py")
+    writer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(writer)
+    vision = (dict(depth=4, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=4, window_size=56,
+                   fullatt_block_indexes=[1, 3]) if variant == "qwen2_5_vl" else
+              dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2))  # fmt: skip
+    corpus = [q for q, _ in QUESTIONS] * 10 + ["user assistant Answer: stop white 22"] * 10
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=512, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})  # fmt: skip
+    return writer.write_qwen2_vl(out, corpus, variant, vocab=400, text=text, vision=vision, max_pixels=112 * 112)
 
 
 @pytest.fixture(scope="session")
