@@ -16,7 +16,7 @@ whose windows the images' grids do not fill):
 - benchmarks/engine_qwen2_vl.py runs both systems and prints their agreement;
 - the harness: a TextVQA run on the engine backend equals the same run on the hf backend, sample for
   sample (raw output, prediction, score, token counts); a performance run on the engine backend runs
-  the exact token counts, with an image (its 448x448 noise image's span from the family) and without;
+  the exact token counts, with an image (the smallest chat prompt holding it, then filler) and without;
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def test_performance_on_the_engine_backend_runs_the_exact_token_counts(tiny_qwen
 
     (tmp_path / "model.yaml").write_text(yaml.safe_dump({"model_name": "t", "model_path": str(tiny_qwen2vl),
                                                          "data_type": "fp32", "backend": "engine", "block_size": 16}))  # fmt: skip
-    for with_image, cases in ((True, [[40, 3], [24, 2]]), (False, [[17, 3]])):
+    for with_image, cases in ((True, [[40, 3], [28, 2]]), (False, [[17, 3]])):  # 28: the template and image alone
         (tmp_path / "task.yaml").write_text(yaml.safe_dump({"task_type": "performance", "task_name": "synthetic",
                                                             "case_pair": cases, "batch_size": [2], "warmup_rounds": 0,
                                                             "with_image": with_image}))  # fmt: skip
@@ -253,3 +253,23 @@ def test_the_benchmark_prints_both_systems_and_their_agreement(tmp_path):
     assert set(rows) == {"transformers batch 1", "transformers batch 2", "engine"}
     assert all(line.endswith(" 4/4") for line in rows.values())  # the same greedy tokens in every setting
     assert "engine / transformers best (transformers batch" in proc.stdout
+
+
+def test_the_shipped_config_asks_lmms_evals_textvqa_question(tiny_qwen2vl, textvqa, tmp_path):
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from modeltest.cli import main
+
+    shipped = yaml.safe_load((Path(__file__).parent.parent / "configs/model/qwen2_vl.yaml").read_text())
+    assert shipped["backend"] == "engine"
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({**shipped, "model_path": str(tiny_qwen2vl), "data_type": "fp32"}))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"task_name": "textvqa", "local_dataset_path": str(textvqa)}))
+    assert main(["--model_config_path", str(tmp_path / "m.yaml"), "--task_config_path", str(tmp_path / "t.yaml"),
+                 "--device", "cpu", "--limit", "1", "--output_dir", str(tmp_path / "out"), "--no_progress"]) == 0  # fmt: skip
+    (path,) = (tmp_path / "out").glob("debug/**/samples.jsonl")
+    record = json.loads(path.read_text().splitlines()[0])
+    assert record["prompt"].endswith(f"{record['question']}\nAnswer the question using a single word or phrase."
+                                     "<|im_end|>\n<|im_start|>assistant\n")

@@ -1,11 +1,11 @@
 """The `engine` backend: the bundled paged-attention engine (engine.LLM), which runs Qwen-VL (v1) from its
-original checkpoint files, and Qwen2-VL.
+original checkpoint files, and Qwen2-VL / Qwen2.5-VL.
 
 Each Qwen-VL request is rendered in Qwen-VL's raw query format (`<img>path</img>question Answer:`, the
 format of Qwen-VL's own evaluate_vqa.py), or with `Request.list_format` as the original
-`from_list_format` renders it (`Picture 1: <img>path</img>\\ntext`, the seed's caption runs); a
-Qwen2-VL request is always the user turn of its chat template (the parts in order), as the hf backend
-renders it; its
+`from_list_format` renders it (`Picture 1: <img>path</img>\\ntext`, the seed's caption runs); for a
+model whose tokenizer has a chat template (Qwen2-VL) a request is always the user turn of that template
+(the parts in order), as the hf backend renders every model; its
 images are opened here (paths, PIL images or `datasets` cells) and handed to the engine with the
 prompt, so an unreadable image fails only its sample. A whole batch goes to `LLM.generate` at once
 and the engine schedules it. Greedy.
@@ -31,9 +31,6 @@ from .base import (
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 MAX_LABEL_BYTES = 256  # Qwen-VL's <img>..</img> span holds at most this many path bytes
-# models whose prompts are always their chat template's user turn, as the hf backend renders every model
-CHAT_TEMPLATE_MODELS = {"qwen2_vl", "qwen2_5_vl"}
-QWEN2_VL_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 # Performance prompts: text tokens drawn from these ids (ordinary BPE tokens of the Qwen vocabulary, far
 # from its special tokens), and one random-noise image of Qwen-VL's input size.
 FILLER_IDS = (1000, 30000)
@@ -63,7 +60,6 @@ class EngineBackend(Backend):
         from engine import LLM, EngineError
 
         path = check_model_path(model_cfg)
-        self.chat_only = _model_type(path) in CHAT_TEMPLATE_MODELS
         params = model_cfg.mm_model.infer_params
         max_model_len = None
         if params.max_input_length and params.max_output_length:
@@ -87,6 +83,9 @@ class EngineBackend(Backend):
             hint = " (max_position_embedding in the model config)" if model_cfg.max_position_embedding > 0 else ""
             raise ModelTestError(f"{path}: {e}{hint if 'max_model_len' in str(e) else ''}") from None
         self.device = self.llm.config.device
+        # a model whose tokenizer carries a chat template (transformers' attribute) has no raw image format:
+        # every sample is its template's user turn, as the hf backend renders every model
+        self.chat_only = getattr(self.llm.get_tokenizer(), "chat_template", None) is not None
 
     def _prompt(self, request: Request) -> tuple[dict, int]:
         """The engine prompt (and the tokens requested_max_input_length made it cut): Qwen-VL's raw
@@ -153,8 +152,9 @@ class EngineBackend(Backend):
         from PIL import Image
 
         image = Image.fromarray(rng.integers(0, 256, (PERF_IMAGE_SIZE, PERF_IMAGE_SIZE, 3), dtype="uint8"))
-        marker = QWEN2_VL_IMAGE if self.chat_only else "<img>perf</img>"  # the model's own image placeholder
-        return self.llm.prompt_token_ids({"prompt": marker, "multi_modal_data": {"image": [image]}}), [image]
+        # Qwen-VL's raw span, or the smallest chat-template prompt holding the image
+        prompt = [{"role": "user", "content": [{"image": "perf"}]}] if self.chat_only else "<img>perf</img>"
+        return self.llm.prompt_token_ids({"prompt": prompt, "multi_modal_data": {"image": [image]}}), [image]
 
     def _perf_prompt(self, input_len: int, with_image: bool, rng) -> dict:
         """`input_len` prompt token ids: an image span first (with_image), then random ordinary tokens
@@ -276,15 +276,3 @@ def _label(image) -> str:
     if len(path.encode("utf-8")) <= MAX_LABEL_BYTES:
         return path
     return os.path.basename(path).encode("utf-8")[-MAX_LABEL_BYTES:].decode("utf-8", "ignore")
-
-
-def _model_type(path: str) -> str:
-    """config.json's model_type ("qwen" when it names none, as early Qwen-VL exports)."""
-    import json
-    import os
-
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            return json.load(f).get("model_type", "qwen")
-    except (OSError, ValueError, AttributeError):
-        return "qwen"  # the engine's own check names what is wrong with the file
