@@ -161,13 +161,16 @@ class Qwen2VLLanguageModel(nn.Module):
         cfg, device = self.text_config, positions.device
         if self._rotary is None or self._rotary.inv_freq.device != device:
             self._rotary = MRotaryEmbedding(cfg.head_dim, cfg.rope_theta, list(cfg.mrope_section), device)
-        ids = torch.empty(3, positions.shape[0], dtype=torch.int64, device=device)
-        for row, state in enumerate(states):
-            mine = token_seq == row
-            index = positions[mine]
-            prompt = state.positions.to(device)
-            inside = index < prompt.shape[1]
-            ids[:, mine] = torch.where(inside, prompt[:, index.clamp(max=prompt.shape[1] - 1)], index + state.delta)
+        lens = [s.positions.shape[1] for s in states]
+        deltas = torch.tensor([s.delta for s in states], device=device)
+        ids = (positions + deltas[token_seq]).expand(3, -1).clone()  # generated tokens: index + delta
+        prompt = positions < torch.tensor(lens, device=device)[token_seq]
+        for row in token_seq[prompt].unique().tolist():  # the sequences with prompt tokens in this step
+            state = states[row]
+            if state.positions.device != device:  # moved once per request, not every step
+                state.positions = state.positions.to(device)
+            mine = prompt & (token_seq == row)
+            ids[:, mine] = state.positions[:, positions[mine]]
         return StepContext(*self._rotary(ids))
 
     def forward(self, input_ids, kv_caches, attn_meta, context, attention, image_features=None, image_rows=None):
