@@ -10,7 +10,6 @@ tokenizer.py and prompts.py (the checkpoint's tokenizer and chat template)."""
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 
@@ -18,19 +17,12 @@ from ...errors import EngineError
 from ..base import ImageSpan, ModelFamily, ModelSpec, ProcessedPrompt
 from .language import TextConfig
 from .processor import ImageConfig, smart_resize
-from .tokenizer import Qwen2VLTokenizer
+from .tokenizer import Qwen2VLTokenizer, read_json
 from .vision import VisionConfig
 
 # transformers >= 5 may save the language model and the vision tower under model.; the released
 # checkpoints (and transformers' own save_pretrained) use model. / visual. / lm_head
 RENAMES = (("model.language_model.", "model."), ("model.visual.", "visual."))
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EngineError(f"{path}: not valid JSON ({e})") from None
 
 
 class Qwen2VLFamily(ModelFamily):
@@ -46,10 +38,10 @@ class Qwen2VLFamily(ModelFamily):
                                 cfg.num_key_value_heads, "vocab_size": cfg.vocab_size,
                                 "intermediate_size": cfg.intermediate_size}, str(config_path))  # fmt: skip
         self.tokenizer = Qwen2VLTokenizer(model_path)
-        processor = _read_json(model_path / "preprocessor_config.json") or \
-            _read_json(model_path / "processor_config.json").get("image_processor", {})  # fmt: skip
+        processor = read_json(model_path / "preprocessor_config.json") or \
+            read_json(model_path / "processor_config.json").get("image_processor", {})  # fmt: skip
         self.image_cfg = ImageConfig.from_preprocessor_config(processor)
-        generation = _read_json(model_path / "generation_config.json").get("eos_token_id")
+        generation = read_json(model_path / "generation_config.json").get("eos_token_id")
         ends = generation if isinstance(generation, list) else [generation] if generation is not None else []
         self.end_ids = {int(e) for e in ends} | {self.tokenizer.ids["<|im_end|>"], self.tokenizer.ids["<|endoftext|>"]}
         self.spec = ModelSpec(

@@ -15,7 +15,8 @@ from ..base import Tokenizer, TokenStream
 SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 
 
-def _json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """An optional JSON file of the checkpoint folder ({} when absent); EngineError when it is not JSON."""
     try:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -39,7 +40,7 @@ class Qwen2VLTokenizer(Tokenizer):
             raise EngineError(f"{path}: no {', '.join(missing)}: not a Qwen2-VL tokenizer")
         self.ids = {s: vocab[s] for s in SPECIALS}
         self._special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special} | set(self.ids.values())
-        config = _json(model_path / "tokenizer_config.json")
+        config = read_json(model_path / "tokenizer_config.json")
         self.eos_token_id = vocab.get(config.get("eos_token") or "<|im_end|>", self.ids["<|im_end|>"])
         self.chat_template = self._template(model_path, config)
         self._size = max(vocab.values()) + 1
@@ -49,7 +50,7 @@ class Qwen2VLTokenizer(Tokenizer):
         jinja = model_path / "chat_template.jinja"
         if jinja.is_file():
             return jinja.read_text(encoding="utf-8")
-        return _json(model_path / "chat_template.json").get("chat_template") or config.get("chat_template")
+        return read_json(model_path / "chat_template.json").get("chat_template") or config.get("chat_template")
 
     @property
     def vocab_size(self) -> int:
